@@ -1,0 +1,150 @@
+"""The generate stage: prompts in, one candidates record per prompt out.
+
+    prefloop generate --model M --prompts prompts.jsonl --out candidates.jsonl --n 8 --backend hf
+
+Failure semantics: prompts are validated whole before any model loads. Work proceeds in chunks of `chunk_size`
+prompts; each chunk's records are written and fsynced before the next chunk starts, so a crash loses at most the
+chunk in flight. Re-running the same command resumes: ids already on disk are skipped and their records kept
+byte-for-byte. A prompt the backend reports as failed is not written (so a re-run retries it) and is counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefloop.config import ConfigError, field
+from prefloop.gen import Sampling, load_generator
+from prefloop.progress import Progress
+from prefloop.records import load_prompts
+from prefloop.runstate import StageRun
+from prefloop.store import JsonlStore, parse_shard, shard_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateConfig:
+    model: str = field(help="Model directory or hub id of the policy to sample from.")
+    prompts: str = field(help="Prompts file: JSONL, JSON array, parquet, csv, or a local HF dataset directory.")
+    out: str = field(help="Candidates JSONL to write (appended to on resume).", hash=False)
+    adapter: str | None = field(None, help="PEFT LoRA adapter directory applied on top of --model.")
+    backend: str = field("hf", help="Generation backend: hf.")
+    n: int = field(4, help="Completions sampled per prompt.")
+    max_new_tokens: int = field(64, help="Maximum new tokens per completion.")
+    temperature: float = field(1.0, help="Sampling temperature; 0 means greedy.")
+    top_p: float = field(1.0, help="Nucleus sampling mass.")
+    seed: int = field(0, help="Base seed; each chunk's seed derives from it and the chunk's first id.")
+    shard: str | None = field(None, help="Take only prompts with hash(id) % n == i, written as 'i/n'.")
+    prompt_field: str = field("prompt", help="Column holding the prompt (text or messages).")
+    id_field: str = field("id", help="Column holding the id (derived from content when absent).")
+    chat: bool = field(False, help="Wrap plain-text prompts as a user message and use the chat template.")
+    round: int = field(0, help="Loop round recorded in each record.")
+    chunk_size: int = field(256, help="Prompts per persisted chunk (a crash loses at most one).", hash=False)
+    batch_size: int = field(64, help="Sequences (prompts x n) per forward batch.", hash=False)
+    dtype: str = field("auto", help="Model dtype: auto, float32, bfloat16, float16.", hash=False)
+    max_failed_fraction: float = field(
+        0.1, help="Stop the stage when more than this fraction of prompts fail, instead of a thin dataset."
+    )
+    new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"n = {self.n}: need at least one completion per prompt. Fix: --n 1 or more.")
+        if self.temperature < 0:
+            raise ConfigError("temperature must be >= 0 (0 means greedy).")
+        if self.chunk_size < 1 or self.batch_size < 1:
+            raise ConfigError("chunk_size and batch_size must be >= 1.")
+        parse_shard(self.shard)  # fails early on a malformed spec
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
+def chunk_seed(seed: int, first_id: str) -> int:
+    """A chunk's seed depends on its content, not its position, so a resumed run samples like a fresh one would."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{first_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def run(config: GenerateConfig) -> Path:
+    """Generate `config.n` completions per prompt into `config.out`; return its path. See module docstring."""
+    out = Path(config.out)
+    loaded = load_prompts(config.prompts, config.prompt_field, config.id_field, config.chat)
+    prompts = loaded.records
+    shard = parse_shard(config.shard)
+    if shard:
+        prompts = [p for p in prompts if shard_of(p["id"], shard[1]) == shard[0]]
+
+    state = StageRun("generate", out, config)
+    if state.begin(config.new_run) == "done":
+        log.info("%s is complete (config %s); nothing to do", out, state.hash)
+        return out
+
+    with JsonlStore(out) as store:
+        todo = [p for p in prompts if p["id"] not in store.done]
+        resumed = len(prompts) - len(todo)
+        if resumed:
+            log.info("resuming %s: %d of %d prompts already on disk", out, resumed, len(prompts))
+        failed_ids: list[str] = []
+        progress = Progress(len(prompts), "generate", initial=resumed)
+        generator = None
+        try:
+            if todo:
+                options = {"batch_size": config.batch_size, "dtype": config.dtype} if config.backend == "hf" else {}
+                generator = load_generator(config.backend, config.model, config.adapter, **options)
+            for start in range(0, len(todo), config.chunk_size):
+                chunk = todo[start : start + config.chunk_size]
+                sampling = config.sampling
+                sampling.seed = chunk_seed(config.seed, chunk[0]["id"])
+                results = generator.generate([p["prompt"] for p in chunk], config.n, sampling)
+                tokens = 0
+                for prompt, completions in zip(chunk, results, strict=True):
+                    if completions is None:
+                        failed_ids.append(prompt["id"])
+                        continue
+                    tokens += sum(c["num_tokens"] for c in completions)
+                    store.append(_candidate(prompt, completions, generator.name, config, state.hash))
+                store.commit()
+                n_failed = sum(r is None for r in results)
+                progress.update(done=len(chunk) - n_failed, failed=n_failed, tokens=tokens)
+                if len(failed_ids) > config.max_failed_fraction * len(prompts):
+                    raise RuntimeError(
+                        f"generate: {len(failed_ids)} of {len(prompts)} prompts failed, over the ceiling "
+                        f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in {out}; "
+                        "fix the cause and re-run the same command to resume."
+                    )
+        finally:
+            progress.close()
+            if generator is not None:
+                generator.close()
+
+    status = "done" if not failed_ids else "incomplete"
+    state.finish(
+        status,
+        prompts=len(prompts),
+        written=len(prompts) - len(failed_ids),
+        resumed=resumed,
+        failed=len(failed_ids),
+        duplicates_dropped=loaded.duplicates,
+        tokens=progress.tokens,
+        tokens_per_s=round(progress.tokens_per_s, 1),
+    )
+    if failed_ids:
+        log.warning("generate: %d prompts failed and were not written; re-run to retry them", len(failed_ids))
+    return out
+
+
+def _candidate(prompt: dict, completions: list, model_name: str, config: GenerateConfig, chash: str) -> dict:
+    columns = {k: v for k, v in prompt.items() if k not in ("id", "prompt")}
+    return {
+        "id": prompt["id"],
+        "prompt": prompt["prompt"],
+        "completions": completions,
+        "model": model_name,
+        "round": config.round,
+        "config_hash": chash,
+        "columns": columns,
+    }

@@ -1,0 +1,157 @@
+"""Pair selection: judgments in, chosen/rejected pairs in TRL's preference format out.
+
+    prefloop pairs --judgments judgments.jsonl --out pairs.jsonl --strategy best_worst --min-margin 0.5
+
+Strategies (per prompt, over completions with a real score):
+- `best_worst` (default): highest vs lowest score — the widest margin, as in RLHFlow's iterative DPO.
+- `best_random`: highest vs a random lower-scored completion.
+- `all_above_margin`: every pair whose score gap is at least `min_margin` (more pairs, correlated).
+
+Dropped and counted (never silently kept): completions whose judgment failed, empty or truncated
+(`finish_reason == "length"`) completions, duplicate texts; prompts with fewer than two usable completions,
+ties, and margins below `min_margin`. Ties among the best (or worst) are broken by a seeded draw, not by position.
+
+The output is written whole and atomically (pairs are a pure function of the judgments), and loads with
+`datasets.load_dataset("json", data_files=...)` straight into `trl.DPOTrainer`: conversational records
+(`prompt` = messages, `chosen`/`rejected` = one assistant message) for message prompts, standard (strings) for
+plain-text prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefloop.config import ConfigError, field
+from prefloop.runstate import StageRun
+from prefloop.store import atomic_write, dumps, iter_records
+
+STRATEGIES = ("best_worst", "best_random", "all_above_margin")
+
+
+@dataclass
+class PairsConfig:
+    judgments: str = field(help="Judgments JSONL written by `prefloop judge`.")
+    out: str = field(help="Pairs JSONL to write (TRL preference format).", hash=False)
+    strategy: str = field("best_worst", help=f"Pair selection: {', '.join(STRATEGIES)}.")
+    min_margin: float = field(0.0, help="Drop pairs whose score gap is below this (ties are always dropped).")
+    keep_truncated: bool = field(False, help="Keep completions that hit max_new_tokens (dropped by default).")
+    seed: int = field(0, help="Seed for tie-breaking and best_random.")
+    round: int = field(0, help="Loop round recorded in each pair's meta.")
+    new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} is unknown. Fix: use one of {', '.join(STRATEGIES)}.")
+        if self.min_margin < 0:
+            raise ConfigError("min_margin must be >= 0.")
+
+
+def usable(judgment: dict[str, Any], keep_truncated: bool, drops: Counter) -> list[tuple[int, float, str]]:
+    """(index, score, text) of completions that may enter a pair; counts every exclusion in `drops`."""
+    out, seen = [], set()
+    statuses = judgment.get("statuses") or ["ok"] * len(judgment["completions"])
+    for i, (completion, score, status) in enumerate(zip(judgment["completions"], judgment["scores"], statuses)):
+        text = completion["text"]
+        if score is None or status != "ok":
+            drops["judge_failed"] += 1
+        elif not text.strip():
+            drops["empty"] += 1
+        elif completion.get("finish_reason") == "length" and not keep_truncated:
+            drops["truncated"] += 1
+        elif text in seen:
+            drops["identical"] += 1
+        else:
+            seen.add(text)
+            out.append((i, float(score), text))
+    return out
+
+
+def select_pairs(
+    judgment: dict[str, Any], strategy: str, min_margin: float, rng: random.Random, drops: Counter,
+    keep_truncated: bool = False,
+) -> list[tuple[tuple[int, float, str], tuple[int, float, str]]]:
+    """The (chosen, rejected) completions of one prompt under `strategy`; drop reasons go into `drops`."""
+    items = usable(judgment, keep_truncated, drops)
+    if len(items) < 2:
+        drops["too_few_usable"] += 1
+        return []
+    best_score = max(s for _, s, _ in items)
+    worst_score = min(s for _, s, _ in items)
+    if best_score == worst_score:
+        drops["tie"] += 1
+        return []
+    if strategy == "all_above_margin":
+        pairs = [(a, b) for a in items for b in items if a[1] - b[1] > 0 and a[1] - b[1] >= min_margin]
+        if not pairs:
+            drops["below_margin"] += 1
+        return pairs
+    chosen = rng.choice([it for it in items if it[1] == best_score])
+    if strategy == "best_worst":
+        rejected = rng.choice([it for it in items if it[1] == worst_score])
+    else:  # best_random
+        rejected = rng.choice([it for it in items if it[1] < best_score])
+    if chosen[1] - rejected[1] < min_margin:
+        drops["below_margin"] += 1
+        return []
+    return [(chosen, rejected)]
+
+
+def to_trl(judgment: dict[str, Any], chosen: tuple, rejected: tuple, pair_id: str, meta: dict) -> dict[str, Any]:
+    """One record in TRL's preference format (conversational for message prompts, standard for text)."""
+    prompt = judgment["prompt"]
+    if isinstance(prompt, list):
+        wrap = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    else:
+        wrap = lambda text: text  # noqa: E731
+    return {
+        "id": pair_id,
+        "prompt": prompt,
+        "chosen": wrap(chosen[2]),
+        "rejected": wrap(rejected[2]),
+        "score_chosen": chosen[1],
+        "score_rejected": rejected[1],
+        "margin": chosen[1] - rejected[1],
+        "meta": meta,
+    }
+
+
+def run(config: PairsConfig) -> Path:
+    """Select pairs from `config.judgments` into `config.out`; return its path. See module docstring."""
+    out = Path(config.out)
+    state = StageRun("pairs", out, config)
+    if state.begin(config.new_run) == "done":
+        return out
+    drops: Counter[str] = Counter()
+    lines, prompts, chosen_len, rejected_len = [], 0, 0, 0
+    for lineno, judgment in iter_records(config.judgments):
+        for key in ("id", "prompt", "completions", "scores"):
+            if key not in judgment:
+                raise ValueError(f"{config.judgments}:{lineno}: missing `{key}`; pass a file from `prefloop judge`.")
+        prompts += 1
+        rng = random.Random(f"{config.seed}:{judgment['id']}")
+        pairs = select_pairs(judgment, config.strategy, config.min_margin, rng, drops, config.keep_truncated)
+        for chosen, rejected in pairs:
+            pair_id = judgment["id"] if len(pairs) == 1 else f"{judgment['id']}:{chosen[0]}>{rejected[0]}"
+            meta = {
+                "judge": judgment.get("judge", ""),
+                "round": config.round,
+                "strategy": config.strategy,
+                "config_hash": state.hash,
+                "judge_config_hash": judgment.get("config_hash", ""),
+                "chosen_index": chosen[0],
+                "rejected_index": rejected[0],
+            }
+            lines.append(dumps(to_trl(judgment, chosen, rejected, pair_id, meta)))
+            chosen_len += len(chosen[2])
+            rejected_len += len(rejected[2])
+    atomic_write(out, "".join(lines))
+    n = max(len(lines), 1)
+    state.finish(
+        "done", prompts=prompts, pairs=len(lines), drops=dict(sorted(drops.items())),
+        mean_chosen_chars=round(chosen_len / n, 2), mean_rejected_chars=round(rejected_len / n, 2),
+    )
+    return out

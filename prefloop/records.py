@@ -1,0 +1,146 @@
+"""Record types (DESIGN.md "Records") and the prompt loader that validates input before any work starts.
+
+A prompt is either a plain string (raw text, completion style) or a list of messages (chat template), as in TRL
+and vLLM; the style carries through to the pairs. Every other column of a prompt row (e.g. `answer`) is kept and
+passed to judges as keyword lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+from prefloop.store import InputError, iter_records
+
+Messages = list[dict[str, str]]
+Prompt = str | Messages
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class Completion(TypedDict):
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
+    num_tokens: int
+
+
+@dataclass
+class LoadedPrompts:
+    records: list[dict[str, Any]]
+    duplicates: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+def prompt_id(prompt: Prompt) -> str:
+    """Content id: `sha256(canonical JSON of the prompt)[:16]` (DESIGN.md), stable across runs and machines."""
+    canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def is_conversational(prompt: Prompt) -> bool:
+    return isinstance(prompt, list)
+
+
+def _check_prompt(prompt: Any, where: str, field_name: str) -> None:
+    if prompt is None:
+        raise InputError(f"{where}: missing field `{field_name}`. Fix: add it, or map your column with --prompt-field.")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError(f"{where}: `{field_name}` is empty. Fix: remove the row or give it text.")
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise InputError(
+            f"{where}: `{field_name}` must be a string or a non-empty list of messages, got {type(prompt).__name__}. "
+            'Fix: use "text" or [{"role": "user", "content": "text"}].'
+        )
+    for i, msg in enumerate(prompt):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise InputError(f"{where}: `{field_name}[{i}]` must be an object with `role` and `content`.")
+        if msg["role"] not in ROLES:
+            raise InputError(
+                f"{where}: `{field_name}[{i}].role` is {msg['role']!r}; expected one of {', '.join(ROLES)}. "
+                "Fix: rename the role (e.g. 'human' -> 'user', 'gpt' -> 'assistant')."
+            )
+        if not isinstance(msg["content"], str):
+            raise InputError(f"{where}: `{field_name}[{i}].content` must be a string.")
+    if prompt[-1]["role"] == "assistant":
+        raise InputError(
+            f"{where}: `{field_name}` ends with an assistant message, so there is nothing to answer. "
+            "Fix: end the conversation with a user message."
+        )
+    if not any(m["content"].strip() for m in prompt if m["role"] == "user"):
+        raise InputError(f"{where}: `{field_name}` has no non-empty user message.")
+
+
+def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, row) pairs from JSONL, a JSON array, parquet/csv, or a local HF dataset directory."""
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix in (".parquet", ".csv", ".arrow"):
+        import datasets
+
+        if path.is_dir() and (path / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        else:
+            ds = datasets.load_dataset(str(path) if path.is_dir() else suffix.lstrip("."), split="train",
+                                       **({} if path.is_dir() else {"data_files": str(path)}))
+        return [(f"{path}:row {i + 1}", dict(row)) for i, row in enumerate(ds)]
+    if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
+            return [(f"{path}:item {i + 1}", row) for i, row in enumerate(data)]
+    return [(f"{path}:{lineno}", row) for lineno, row in iter_records(path)]
+
+
+def load_prompts(
+    path: str | Path,
+    prompt_field: str = "prompt",
+    id_field: str = "id",
+    chat: bool = False,
+) -> LoadedPrompts:
+    """Load and validate every prompt row; raise `InputError` (file:line, field, fix) on the first bad row.
+
+    Rows without an id get `prompt_id(prompt)`. A row repeating an earlier prompt (same content) is dropped and
+    counted; two rows with one id but different prompts are an error, since one of them would silently vanish.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: prompts file not found.")
+    out = LoadedPrompts(records=[])
+    by_id: dict[str, tuple[str, str]] = {}  # id -> (canonical prompt, location)
+    seen_content: set[str] = set()
+    for where, row in _rows(path):
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected an object per row, got {type(row).__name__}.")
+        prompt = row.get(prompt_field)
+        _check_prompt(prompt, where, prompt_field)
+        if chat and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        rid = row.get(id_field)
+        rid = prompt_id(prompt) if rid in (None, "") else str(rid)
+        if rid in by_id:
+            if by_id[rid][0] != canonical:
+                raise InputError(
+                    f"{where}: id {rid!r} was already used at {by_id[rid][1]} for a different prompt. "
+                    "Fix: give each prompt a unique id, or drop the id column to derive ids from content."
+                )
+            out.duplicates += 1
+            continue
+        if canonical in seen_content:
+            out.duplicates += 1
+            continue
+        by_id[rid] = (canonical, where)
+        seen_content.add(canonical)
+        extras = {k: v for k, v in row.items() if k not in (prompt_field, id_field, "prompt", "id")}
+        out.records.append({"id": rid, "prompt": prompt, **extras})
+    if not out.records:
+        raise InputError(f"{path}: no prompts found. Fix: the file needs at least one row with `{prompt_field}`.")
+    return out
