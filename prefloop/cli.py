@@ -1,0 +1,114 @@
+"""`prefloop` command line: a thin layer that parses YAML + flags into each stage's dataclass and calls `run`.
+
+    prefloop demo                                   # the whole loop on a tiny local model, no downloads
+    prefloop generate --model M --prompts p.jsonl --out c.jsonl --n 8
+    prefloop judge --candidates c.jsonl --out j.jsonl --judge python --reward-fn rewards.py:fn
+    prefloop pairs --judgments j.jsonl --out pairs.jsonl
+    prefloop train --model M --pairs pairs.jsonl --out policy/
+    prefloop run --config loop.yaml                 # rounds of all of the above
+    prefloop report RUN_DIR
+    prefloop merge --out all.jsonl shard0.jsonl shard1.jsonl
+
+Every subcommand takes `--config file.yaml`; flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from prefloop import __version__
+from prefloop.config import ConfigError, add_arguments, from_args
+
+
+def _stage(module: str, config_cls: str) -> tuple[type, Callable[[Any], Any]]:
+    import importlib
+
+    mod = importlib.import_module(module)
+    return getattr(mod, config_cls), mod.run
+
+
+# subcommand -> (module, config class, one-line help). Modules import lazily so `prefloop --help` is instant.
+STAGES = {
+    "generate": ("prefloop.gen.stage", "GenerateConfig", "Sample N completions per prompt."),
+    "judge": ("prefloop.judge.stage", "JudgeConfig", "Score every completion."),
+    "pairs": ("prefloop.judge.pairs", "PairsConfig", "Select chosen/rejected pairs (TRL format)."),
+    "train": ("prefloop.train.dpo", "TrainConfig", "DPO (+LoRA) on pairs with TRL."),
+    "run": ("prefloop.loop", "LoopConfig", "The loop: rounds of generate -> judge -> pairs -> train -> eval."),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefloop", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"prefloop {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Only the chosen subcommand's module is imported (its flags come from its dataclass).
+    chosen = next((a for a in argv if a in STAGES), None)
+    for name, (module, cls_name, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML file with the same keys as the flags (flags win).")
+        if name == chosen:
+            add_arguments(p, _stage(module, cls_name)[0])
+    demo = sub.add_parser("demo", help="The whole loop on a tiny local model; no downloads.")
+    demo.add_argument("--config", help="YAML overriding demo settings (same keys as the flags).")
+    demo.add_argument("--out", default="prefloop-demo", help="Run directory (default: prefloop-demo).")
+    demo.add_argument("--rounds", type=int, default=None, help="Training rounds (default: 6).")
+    demo.add_argument("--backend", default="hf", help="Generation backend (default: hf).")
+    report = sub.add_parser("report", help="Write report.md + report.png for a run directory.")
+    report.add_argument("run_dir")
+    report.add_argument("--config", help="Unused; accepted for symmetry.")
+    merge = sub.add_parser("merge", help="Union shard files by id (idempotent).")
+    merge.add_argument("inputs", nargs="+", help="Shard JSONL files.")
+    merge.add_argument("--out", required=True, help="Merged JSONL to write (atomically).")
+    merge.add_argument("--config", help="Unused; accepted for symmetry.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from prefloop.runstate import ConfigDriftError
+    from prefloop.store import InputError
+
+    try:
+        result = _dispatch(args)
+    except (InputError, ConfigError, ConfigDriftError, FileNotFoundError) as e:
+        print(f"prefloop {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(result)
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> Any:
+    if args.command in STAGES:
+        module, cls_name, _ = STAGES[args.command]
+        config_cls, run = _stage(module, cls_name)
+        return run(from_args(config_cls, args))
+    if args.command == "demo":
+        from prefloop.demo import run_demo
+
+        return run_demo(out=args.out, rounds=args.rounds, backend=args.backend, config_file=args.config)
+    if args.command == "report":
+        from prefloop.report import write_report
+
+        return write_report(args.run_dir)
+    if args.command == "merge":
+        from prefloop.store import merge
+
+        counts = merge(args.inputs, args.out)
+        return f"{args.out}: {counts['records']} records ({counts['duplicates']} duplicates, {counts['conflicts']} conflicts)"
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The on-policy loop: the policy trained in round k generates round k+1's data.
+
+    prefloop run --config examples/demo.yaml            # flags override the YAML: --rounds 8
+
+Round 0 only evaluates the initial policy (the baseline). Each round k >= 1 runs, in order:
+
+    prompts  - draw this round's prompts from the pool (seeded by round, so a resumed run draws the same ones)
+    generate - policy k-1 (base + adapter k-1) samples `gen.n` completions per prompt
+    judge    - score every completion
+    pairs    - chosen/rejected pairs (this round's, or all rounds' with `data: accumulate`)
+    train    - DPO on the pairs -> adapter k (`init: previous` continues adapter k-1, `base` starts fresh)
+    eval     - policy k answers the held-out prompts (greedy by default), scored by the same judge
+
+Every phase writes into `round_<k>/`, and `manifest.json` records each phase's status, config hash, timings,
+summary and output checksum (atomically, after every phase). Failure semantics: a killed run, re-run with the
+same command, skips the phases the manifest marks done and resumes the one in flight through that stage's own
+resume (generation and judging by id, training from its last complete checkpoint). A round's phase never reads
+another round's in-flight outputs, and round k+1 starts only after round k is done. Changing the loop config
+(except `rounds`, which may grow) is refused with the changed keys named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefloop import __version__
+from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict, to_dict
+from prefloop.gen.stage import GenerateConfig
+from prefloop.gen.stage import run as generate
+from prefloop.judge.pairs import PairsConfig
+from prefloop.judge.pairs import run as select_pairs
+from prefloop.judge.stage import JudgeConfig
+from prefloop.judge.stage import run as judge
+from prefloop.records import load_prompts
+from prefloop.runstate import StageRun, read_summary
+from prefloop.store import atomic_write, atomic_write_json, dumps, iter_records
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopConfig:
+    out: str = field(help="Run directory (manifest, config, one folder per round, report).", hash=False)
+    model: str = field(help="Initial policy: a model directory (or hub id) — the base every adapter sits on.")
+    prompts: str = field(help="Pool of training prompts; each round draws `prompts_per_round` from it.")
+    eval_prompts: str | None = field(None, help="Held-out prompts scored after every round (recommended).")
+    rounds: int = field(3, help="Training rounds after the round-0 baseline (may be raised to extend a run).",
+                        hash=False)
+    prompts_per_round: int | None = field(None, help="Prompts drawn per round (default: the whole pool).")
+    init: str = field("previous", help="Round k trains from: previous (adapter k-1) or base (a fresh adapter).")
+    data: str = field("fresh", help="Train on: fresh (this round's pairs) or accumulate (all rounds' pairs).")
+    reference: str = field("initial", help="DPO reference: initial (the base) or previous (policy k-1).")
+    seed: int = field(0, help="Seed for prompt draws, sampling and training.")
+    gen: dict = field({}, help="Generate-stage settings (see `prefloop generate --help`), e.g. {n: 8}.")
+    judge: dict = field({}, help="Judge-stage settings (see `prefloop judge --help`).")
+    pairs: dict = field({}, help="Pair-selection settings (see `prefloop pairs --help`).")
+    train: dict = field({}, help="Train-stage settings (see `prefloop train --help`).")
+    eval: dict = field(
+        {"temperature": 0.0, "n": 1}, help="Generation settings for held-out eval (default greedy, one answer)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.init not in ("previous", "base"):
+            raise ConfigError(f"init = {self.init!r}. Fix: use `previous` or `base`.")
+        if self.data not in ("fresh", "accumulate"):
+            raise ConfigError(f"data = {self.data!r}. Fix: use `fresh` or `accumulate`.")
+        if self.reference not in ("initial", "previous"):
+            raise ConfigError(f"reference = {self.reference!r}. Fix: use `initial` or `previous`.")
+        if self.init == "base" and self.reference == "previous":
+            raise ConfigError("init: base with reference: previous is not supported. Fix: use init: previous.")
+        if self.rounds < 0:
+            raise ConfigError("rounds must be >= 0.")
+        # Fail on a bad stage key now, not three rounds in.
+        self.stage_config("generate", 1, self.gen)
+        self.stage_config("judge", 1, {})
+        self.stage_config("pairs", 1, {})
+        self.stage_config("train", 1, {})
+        self.stage_config("generate", 1, {**self.gen, **self.eval})
+
+    def stage_config(self, stage: str, k: int, settings: dict[str, Any], **paths: Any) -> Any:
+        """The dataclass config of `stage` in round `k`: the loop's settings plus the round's paths."""
+        d = Path(self.out) / f"round_{k:03d}"
+        if stage == "generate":
+            values = {"model": self.model, "prompts": str(d / "prompts.jsonl"), "out": str(d / "candidates.jsonl"),
+                      "round": k, "seed": self.seed + k, **settings, **paths}
+            return from_dict(GenerateConfig, values, f"loop config `gen`/`eval` (round {k})")
+        if stage == "judge":
+            values = {"candidates": str(d / "candidates.jsonl"), "out": str(d / "judgments.jsonl"),
+                      **self.judge, **settings, **paths}
+            return from_dict(JudgeConfig, values, f"loop config `judge` (round {k})")
+        if stage == "pairs":
+            values = {"judgments": str(d / "judgments.jsonl"), "out": str(d / "pairs.jsonl"), "round": k,
+                      "seed": self.seed + k, **self.pairs, **settings, **paths}
+            return from_dict(PairsConfig, values, f"loop config `pairs` (round {k})")
+        if stage == "train":
+            from prefloop.train.dpo import TrainConfig
+
+            values = {"model": self.model, "pairs": str(d / "pairs.jsonl"), "out": str(d / "train"),
+                      "reference": self.reference, "seed": self.seed + k, **self.train, **settings, **paths}
+            return from_dict(TrainConfig, values, f"loop config `train` (round {k})")
+        raise ValueError(stage)
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Manifest:
+    """`manifest.json`: the loop's record of what ran. Rewritten atomically after every phase transition."""
+
+    def __init__(self, config: LoopConfig):
+        self.path = Path(config.out) / "manifest.json"
+        self.root = Path(config.out)
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+        else:
+            self.data = {"prefloop_version": __version__, "config_hash": config_hash(hashed_dict(config)),
+                         "config": to_dict(config), "status": "running", "rounds": []}
+        self.data["config"]["rounds"] = config.rounds
+
+    def round(self, k: int, policy: dict[str, Any]) -> dict[str, Any]:
+        while len(self.data["rounds"]) <= k:
+            self.data["rounds"].append({"round": len(self.data["rounds"]), "phases": {}})
+        entry = self.data["rounds"][k]
+        entry["policy"] = policy
+        return entry
+
+    def phase_done(self, k: int, phase: str) -> bool:
+        rounds = self.data["rounds"]
+        return k < len(rounds) and rounds[k]["phases"].get(phase, {}).get("status") == "done"
+
+    def start(self, k: int, phase: str) -> float:
+        self.data["rounds"][k]["phases"][phase] = {"status": "running"}
+        self.save()
+        return time.time()
+
+    def done(self, k: int, phase: str, started: float, output: Path | None, summary: dict[str, Any]) -> None:
+        entry = {"status": "done", "seconds": round(time.time() - started, 3), "summary": summary}
+        if output is not None:
+            entry["output"] = str(output.relative_to(self.root)) if output.is_relative_to(self.root) else str(output)
+            entry["sha256"] = _sha256(output)
+        self.data["rounds"][k]["phases"][phase] = entry
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(self.path, self.data)
+
+
+def _draw_prompts(pool: list[dict[str, Any]], count: int | None, seed: int, k: int) -> list[dict[str, Any]]:
+    if count is None or count >= len(pool):
+        return pool
+    return random.Random(f"{seed}:round:{k}").sample(pool, count)
+
+
+def _mean_length(candidates: Path) -> float:
+    lengths = [len(c["text"]) for _, row in iter_records(candidates) for c in row["completions"]]
+    return round(sum(lengths) / max(len(lengths), 1), 3)
+
+
+def _eval_summary(judgments: Path) -> dict[str, Any]:
+    """Mean held-out score; accuracy too when the judge's scores are binary (a verifier)."""
+    scores, lengths, failed = [], [], 0
+    for _, row in iter_records(judgments):
+        for score, completion in zip(row["scores"], row["completions"]):
+            lengths.append(len(completion["text"]))
+            if score is None:
+                failed += 1
+            else:
+                scores.append(score)
+    summary: dict[str, Any] = {
+        "prompts": len(lengths), "scored": len(scores), "failed": failed,
+        "mean_score": round(sum(scores) / max(len(scores), 1), 4),
+        "mean_length": round(sum(lengths) / max(len(lengths), 1), 3),
+    }
+    if scores and set(scores) <= {0.0, 1.0}:
+        # Failed judgments count as wrong: accuracy is over every held-out answer, not only the scored ones.
+        summary["accuracy"] = round(sum(scores) / len(lengths), 4)
+    return summary
+
+
+def _phase(manifest: Manifest, k: int, name: str, fn, output_of=lambda out: out) -> None:
+    """Run one phase unless the manifest says it is done; record its summary."""
+    if manifest.phase_done(k, name):
+        return
+    started = manifest.start(k, name)
+    log.info("round %d: %s", k, name)
+    output, summary = fn()
+    manifest.done(k, name, started, output_of(output), summary)
+
+
+def _evaluate(config: LoopConfig, manifest: Manifest, k: int, adapter: str | None, round_dir: Path) -> None:
+    if not config.eval_prompts:
+        return
+
+    def phase():
+        settings = {**config.gen, **config.eval, "adapter": adapter, "prompts": config.eval_prompts,
+                    "out": str(round_dir / "eval_candidates.jsonl"), "seed": config.seed}
+        gen_cfg = config.stage_config("generate", k, settings)
+        candidates = generate(gen_cfg)
+        judge_cfg = config.stage_config("judge", k, {"candidates": str(candidates),
+                                                     "out": str(round_dir / "eval_judgments.jsonl")})
+        judgments = judge(judge_cfg)
+        return judgments, _eval_summary(judgments)
+
+    _phase(manifest, k, "eval", phase)
+
+
+def run(config: LoopConfig) -> Path:
+    """Run (or resume) the loop in `config.out`; return the run directory. See module docstring."""
+    from prefloop.report import write_report
+
+    root = Path(config.out)
+    StageRun("loop", root, config, directory=True).begin()  # writes config.yaml; refuses a changed config, naming the keys
+    pool = load_prompts(config.prompts).records  # validated whole before any model loads
+    if config.eval_prompts:
+        load_prompts(config.eval_prompts)
+    manifest = Manifest(config)
+    manifest.data["status"] = "running"
+
+    adapter: str | None = None
+    manifest.round(0, {"model": config.model, "adapter": None})
+    _evaluate(config, manifest, 0, None, root / "round_000")
+    write_report(root)
+    for k in range(1, config.rounds + 1):
+        d = root / f"round_{k:03d}"
+        manifest.round(k, {"model": config.model, "adapter": adapter})
+
+        def draw(k=k, d=d):
+            chosen = _draw_prompts(pool, config.prompts_per_round, config.seed, k)
+            atomic_write(d / "prompts.jsonl", "".join(dumps(p) for p in chosen))
+            return d / "prompts.jsonl", {"prompts": len(chosen)}
+
+        _phase(manifest, k, "prompts", draw)
+
+        def gen_phase(k=k):
+            out = generate(config.stage_config("generate", k, {**config.gen, "adapter": adapter}))
+            summary = read_summary(out)
+            if summary.get("status") != "done":
+                raise RuntimeError(f"round {k}: generate ended {summary.get('status')}: {summary}")
+            return out, {**summary, "mean_length": _mean_length(out)}
+
+        _phase(manifest, k, "generate", gen_phase)
+
+        def judge_phase(k=k):
+            cfg = config.stage_config("judge", k, {})
+            out = judge(cfg)
+            return out, read_summary(out)
+
+        _phase(manifest, k, "judge", judge_phase)
+
+        def pairs_phase(k=k, d=d):
+            cfg = config.stage_config("pairs", k, {})
+            out = select_pairs(cfg)
+            summary = read_summary(out)
+            if config.data == "accumulate":
+                parts = [root / f"round_{j:03d}" / "pairs.jsonl" for j in range(1, k + 1)]
+                atomic_write(d / "train_pairs.jsonl", b"".join(p.read_bytes() for p in parts))
+                summary["train_pairs"] = sum(1 for p in parts for _ in iter_records(p))
+            return out, summary
+
+        _phase(manifest, k, "pairs", pairs_phase)
+
+        def train_phase(k=k, d=d):
+            from prefloop.train.dpo import run as train
+
+            pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else "pairs.jsonl")
+            init_adapter = adapter if config.init == "previous" else None
+            cfg = config.stage_config("train", k, {"pairs": str(pairs_file), "adapter": init_adapter})
+            out = train(cfg)
+            summary_path = Path(out) / "train_summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            return Path(out) / "adapter", summary
+
+        _phase(manifest, k, "train", train_phase, output_of=lambda out: None)
+        adapter = str(d / "train" / "adapter")
+        manifest.data["rounds"][k]["trained_adapter"] = adapter
+        _evaluate(config, manifest, k, adapter, d)
+        manifest.save()
+        write_report(root)
+
+    manifest.data["status"] = "done"
+    manifest.save()
+    write_report(root)
+    return root

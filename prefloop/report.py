@@ -1,0 +1,254 @@
+"""Per-run report: `report.md` (summary, config, per-round table) and `report.png` (held-out metric per round).
+
+    python -m prefloop.report runs/demo        # or: prefloop report runs/demo
+
+Reads only `RUN_DIR/manifest.json`, so it works on a finished run, a running one (phases in flight show their
+status, e.g. "running") and a crashed one (its last phase shows "failed"). Both files are written atomically:
+a reader (or a browser refreshing the markdown) sees the previous report or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from prefloop.store import atomic_write
+
+DASH = "–"  # en dash: a value that does not exist (round 0 has no training) or is not known yet
+# The config keys a reader needs to interpret the curve; the full resolved config lives in the run dir.
+CONFIG_KEYS = ("model", "rounds", "init", "data", "reference", "gen.n", "train.loss", "train.beta")
+TIMED_PHASES = (
+    ("generate", "gen s"),
+    ("judge", "judge s"),
+    ("pairs", "pairs s"),
+    ("train", "train s"),
+    ("eval", "eval s"),
+)
+
+
+def load_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The run's manifest; a missing or unreadable one raises an error naming the file and the fix."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: no loop has run in {run_dir}. Fix: run `prefloop run` first.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}). Fix: re-run `prefloop run` to rewrite it.") from e
+
+
+def _phase(rnd: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return (rnd.get("phases") or {}).get(name)
+
+
+def _done_summary(rnd: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A phase's summary only once it is done: numbers from a running or failed phase are not results."""
+    ph = _phase(rnd, name)
+    return (ph.get("summary") or {}) if ph and ph.get("status") == "done" else None
+
+
+def _cell(rnd: dict[str, Any], name: str, get: Any) -> str:
+    """`get(summary)` for a done phase; the phase's status when it is not done; "–" when it never ran."""
+    ph = _phase(rnd, name)
+    if ph is None:
+        return DASH
+    if ph.get("status") != "done":
+        return str(ph.get("status") or "unknown")
+    value = get(ph.get("summary") or {})
+    return DASH if value is None else value
+
+
+def _seconds(rnd: dict[str, Any], name: str) -> str:
+    ph = _phase(rnd, name)
+    if ph is None:
+        return DASH
+    if ph.get("status") != "done":
+        return str(ph.get("status") or "unknown")
+    return DASH if ph.get("seconds") is None else f"{ph['seconds']:.1f}"
+
+
+def _metric(rnd: dict[str, Any], key: str) -> float | None:
+    s = _done_summary(rnd, "eval")
+    return None if s is None or s.get(key) is None else float(s[key])
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _drops(summary: dict[str, Any]) -> str | None:
+    drops = summary.get("drops")
+    if drops is None:
+        return None
+    kept = [f"{k} {v}" for k, v in drops.items() if v]  # zero counts are noise in a table cell
+    return ", ".join(kept) or "none"
+
+
+def _counts(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+def _config_lines(config: dict[str, Any]) -> list[str]:
+    lines = []
+    for key in CONFIG_KEYS:
+        value: Any = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            lines.append(f"- {key}: `{shown}`")
+    return lines
+
+
+def _summary_line(rounds: list[dict[str, Any]], key: str) -> str:
+    """First → last held-out metric; the headline a reader checks before anything else."""
+    evals = [(r.get("round"), _metric(r, key)) for r in rounds]
+    evals = [(k, v) for k, v in evals if v is not None]
+    name = "accuracy" if key == "accuracy" else "mean score"
+    fmt = _pct if key == "accuracy" else (lambda x: f"{x:.3f}")
+    if not evals:
+        return "No held-out eval has finished yet."
+    (k0, v0), (k1, v1) = evals[0], evals[-1]
+    if len(evals) == 1:
+        return f"Held-out {name} {fmt(v0)} at round {k0}; no later eval has finished yet."
+    delta = f"{100 * (v1 - v0):+.1f} points" if key == "accuracy" else f"{v1 - v0:+.3f}"
+    n = k1 - k0 if isinstance(k0, int) and isinstance(k1, int) else len(evals) - 1
+    return f"Held-out {name} {fmt(v0)} → {fmt(v1)} over {n} rounds ({delta})."
+
+
+def render_markdown(run_dir: Path, manifest: dict[str, Any]) -> str:
+    rounds = manifest.get("rounds") or []
+    has_acc = any(_metric(r, "accuracy") is not None for r in rounds)
+    key = "accuracy" if has_acc else "mean_score"
+    base = next((_metric(r, key) for r in rounds if r.get("round") == 0), None)
+
+    out = [f"# prefloop report: {run_dir.resolve().name}", "", _summary_line(rounds, key)]
+    meta = [f"run status: {manifest.get('status', 'unknown')}"]
+    meta += [f"{k}: `{manifest[k]}`" for k in ("config_hash", "prefloop_version") if manifest.get(k)]
+    out += ["", " · ".join(meta), ""]
+    config_lines = _config_lines(manifest.get("config") or {})
+    if config_lines:
+        out += ["## Config", "", *config_lines, ""]
+
+    header = ["round", "held-out mean score"] + (["held-out accuracy"] if has_acc else [])
+    header += [f"Δ {'acc (points)' if has_acc else 'score'} vs round 0", "pairs kept", "drops by reason"]
+    header += ["mean response length (chars)"] + [label for _, label in TIMED_PHASES]
+    out += ["## Rounds", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in rounds:
+        row = [
+            str(r.get("round", "?")),
+            _cell(r, "eval", lambda s: None if s.get("mean_score") is None else f"{s['mean_score']:.3f}"),
+        ]
+        if has_acc:
+            row.append(_cell(r, "eval", lambda s: None if s.get("accuracy") is None else _pct(s["accuracy"])))
+        value = _metric(r, key)
+        if r.get("round") == 0 and value is not None:
+            row.append("baseline")
+        elif value is not None and base is not None:
+            row.append(f"{100 * (value - base):+.1f}" if has_acc else f"{value - base:+.3f}")
+        else:
+            row.append(_cell(r, "eval", lambda s: None))  # shows "running"/"failed" while eval is not done
+        row.append(_cell(r, "pairs", lambda s: None if s.get("pairs") is None else str(s["pairs"])))
+        row.append(_cell(r, "pairs", _drops))
+        row.append(_cell(r, "generate", lambda s: None if s.get("mean_length") is None else f"{s['mean_length']:.1f}"))
+        row += [_seconds(r, name) for name, _ in TIMED_PHASES]
+        out.append("| " + " | ".join(row) + " |")
+    out += ["", "![held-out metric per round](report.png)", "", "## Judge and data", ""]
+
+    for r in rounds:
+        notes = []
+        for name in ("judge", "eval"):
+            s = _done_summary(r, name)
+            if s and s.get("completion_statuses"):
+                notes.append(f"{name} completion statuses: {_counts(s['completion_statuses'])}")
+        s = _done_summary(r, "pairs")
+        if s and s.get("mean_chosen_chars") is not None and s.get("mean_rejected_chars") is not None:
+            # A chosen side that is systematically longer is the classic length bias of judges.
+            notes.append(f"mean chars chosen {s['mean_chosen_chars']:.1f} vs rejected {s['mean_rejected_chars']:.1f}")
+        for name, ph in (r.get("phases") or {}).items():
+            if ph.get("status") not in ("done", "running"):
+                notes.append(f"**{name} {ph.get('status')}**" + (f": {ph['error']}" if ph.get("error") else ""))
+        out.append(f"- round {r.get('round', '?')}: " + ("; ".join(notes) if notes else DASH))
+    return "\n".join(out) + "\n"
+
+
+def render_png(manifest: dict[str, Any]) -> bytes:
+    """Held-out metric per round (line) beside pairs kept per round (bars), as PNG bytes."""
+    # Imported here so `import prefloop` stays light. An explicit Agg canvas on a bare Figure (not pyplot with
+    # `matplotlib.use("Agg")`) renders without a display and without switching the backend of a user's notebook.
+    from matplotlib import ticker
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rounds = manifest.get("rounds") or []
+    has_acc = any(_metric(r, "accuracy") is not None for r in rounds)
+    key = "accuracy" if has_acc else "mean_score"
+    points = [(r["round"], _metric(r, key)) for r in rounds if "round" in r and _metric(r, key) is not None]
+    bars = [(r["round"], (_done_summary(r, "pairs") or {}).get("pairs")) for r in rounds if "round" in r]
+    bars = [(k, v) for k, v in bars if v is not None]
+
+    # Figure() rather than pyplot: no global figure registry, so repeated reports in one process never leak.
+    fig = Figure(figsize=(6, 3.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    # Shared x so a round's held-out metric lines up with the pairs count of the same round.
+    ax, ax_pairs = fig.subplots(1, 2, width_ratios=[3, 2], sharex=True) if bars else (fig.subplots(), None)
+    label = "held-out accuracy" if has_acc else "held-out mean score"
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", color="tab:blue")
+        for x, y in points:
+            ax.annotate(
+                f"{y:.1%}" if has_acc else f"{y:.2f}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=7,
+            )
+    else:
+        ax.text(0.5, 0.5, "no held-out eval yet", ha="center", va="center", transform=ax.transAxes)
+    if has_acc:
+        ax.set_ylim(0, 1.05)
+        ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+    else:
+        ax.margins(y=0.15)  # headroom for the value labels above the markers
+    ax.set_xlabel("round")
+    ax.set_ylabel(label)
+    ax.set_title(label.capitalize() + " per round", fontsize=10)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax_pairs is not None:
+        ax_pairs.bar([k for k, _ in bars], [v for _, v in bars], color="tab:gray")
+        ax_pairs.set_xlabel("round")
+        ax_pairs.set_ylabel("pairs kept")
+        ax_pairs.set_title("Pairs kept per round", fontsize=10)
+        ax_pairs.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `report.md` and `report.png` into `run_dir` from its manifest; return the markdown path."""
+    run_dir = Path(run_dir)
+    manifest = load_manifest(run_dir)
+    # The PNG first: the markdown links to it, so a reader never sees a report whose image is missing.
+    atomic_write(run_dir / "report.png", render_png(manifest))
+    md_path = run_dir / "report.md"
+    atomic_write(md_path, render_markdown(run_dir, manifest))
+    return md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefloop.report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run directory holding manifest.json (made by `prefloop run`)")
+    args = parser.parse_args(argv)
+    print(write_report(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
