@@ -57,7 +57,10 @@ class GenerateConfig:
             raise ConfigError("temperature must be >= 0 (0 means greedy).")
         if self.chunk_size < 1 or self.batch_size < 1:
             raise ConfigError("chunk_size and batch_size must be >= 1.")
-        parse_shard(self.shard)  # fails early on a malformed spec
+        try:
+            parse_shard(self.shard)  # fails early on a malformed spec
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def sampling(self) -> Sampling:

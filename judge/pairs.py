@@ -27,7 +27,10 @@ from typing import Any
 
 from prefloop.config import ConfigError, field
 from prefloop.runstate import StageRun
-from prefloop.store import atomic_write, dumps, iter_records
+from prefloop.store import InputError, atomic_write, dumps, iter_records
+
+# Scores are floats: 0.3 - 0.1 < 0.2 in binary floating point, so margins are compared with this tolerance.
+MARGIN_EPS = 1e-9
 
 STRATEGIES = ("best_worst", "best_random", "all_above_margin")
 
@@ -54,7 +57,9 @@ def usable(judgment: dict[str, Any], keep_truncated: bool, drops: Counter) -> li
     """(index, score, text) of completions that may enter a pair; counts every exclusion in `drops`."""
     out, seen = [], set()
     statuses = judgment.get("statuses") or ["ok"] * len(judgment["completions"])
-    for i, (completion, score, status) in enumerate(zip(judgment["completions"], judgment["scores"], statuses)):
+    for i, (completion, score, status) in enumerate(
+        zip(judgment["completions"], judgment["scores"], statuses, strict=True)
+    ):
         text = completion["text"]
         if score is None or status != "ok":
             drops["judge_failed"] += 1
@@ -85,7 +90,7 @@ def select_pairs(
         drops["tie"] += 1
         return []
     if strategy == "all_above_margin":
-        pairs = [(a, b) for a in items for b in items if a[1] - b[1] > 0 and a[1] - b[1] >= min_margin]
+        pairs = [(a, b) for a in items for b in items if a[1] > b[1] and a[1] - b[1] >= min_margin - MARGIN_EPS]
         if not pairs:
             drops["below_margin"] += 1
         return pairs
@@ -94,7 +99,7 @@ def select_pairs(
         rejected = rng.choice([it for it in items if it[1] == worst_score])
     else:  # best_random
         rejected = rng.choice([it for it in items if it[1] < best_score])
-    if chosen[1] - rejected[1] < min_margin:
+    if chosen[1] - rejected[1] < min_margin - MARGIN_EPS:
         drops["below_margin"] += 1
         return []
     return [(chosen, rejected)]
@@ -119,18 +124,32 @@ def to_trl(judgment: dict[str, Any], chosen: tuple, rejected: tuple, pair_id: st
     }
 
 
+def load_judgments(path: str | Path) -> list[dict[str, Any]]:
+    """Read a judgments file; `InputError` names file:line for a row that is not a judgment."""
+    rows = []
+    for lineno, judgment in iter_records(path):
+        for key in ("id", "prompt", "completions", "scores"):
+            if key not in judgment:
+                raise InputError(f"{path}:{lineno}: missing `{key}`. Fix: pass a file written by `prefloop judge`.")
+        if len(judgment["scores"]) != len(judgment["completions"]):
+            raise InputError(
+                f"{path}:{lineno}: {len(judgment['scores'])} scores for {len(judgment['completions'])} completions. "
+                "Fix: pass a file written by `prefloop judge`."
+            )
+        rows.append(judgment)
+    return rows
+
+
 def run(config: PairsConfig) -> Path:
     """Select pairs from `config.judgments` into `config.out`; return its path. See module docstring."""
     out = Path(config.out)
+    judgments = load_judgments(config.judgments)  # validated whole before anything is written
     state = StageRun("pairs", out, config)
     if state.begin(config.new_run) == "done":
         return out
     drops: Counter[str] = Counter()
     lines, prompts, chosen_len, rejected_len = [], 0, 0, 0
-    for lineno, judgment in iter_records(config.judgments):
-        for key in ("id", "prompt", "completions", "scores"):
-            if key not in judgment:
-                raise ValueError(f"{config.judgments}:{lineno}: missing `{key}`; pass a file from `prefloop judge`.")
+    for judgment in judgments:
         prompts += 1
         rng = random.Random(f"{config.seed}:{judgment['id']}")
         pairs = select_pairs(judgment, config.strategy, config.min_margin, rng, drops, config.keep_truncated)

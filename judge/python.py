@@ -101,6 +101,8 @@ class PythonJudge:
             if len(batch) == 1:
                 return [(None, f"reward function raised {type(e).__name__}: {e}")]
             return [result for item in batch for result in self._score(rows, [item])]
+        if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # numpy array / torch tensor
+            values = values.tolist()
         if not isinstance(values, (list, tuple)) or len(values) != len(batch):
             got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
             error = f"reward function must return a list of {len(batch)} values, got {got}"

@@ -44,7 +44,7 @@ class JudgeConfig:
 
 def load_candidates(path: str | Path) -> list[dict[str, Any]]:
     """Read and check a candidates file; `InputError` names file:line and the missing field."""
-    rows = []
+    rows, lines = [], {}
     for lineno, row in iter_records(path):
         for key in ("id", "prompt", "completions"):
             if key not in row:
@@ -55,6 +55,12 @@ def load_candidates(path: str | Path) -> list[dict[str, Any]]:
             isinstance(c, dict) and isinstance(c.get("text"), str) for c in row["completions"]
         ):
             raise InputError(f"{path}:{lineno}: `completions` must be a list of objects with a `text` string.")
+        if row["id"] in lines:
+            raise InputError(
+                f"{path}:{lineno}: id {row['id']!r} repeats line {lines[row['id']]}. "
+                "Fix: `prefloop merge` the file (it unions by id) or drop the duplicate row."
+            )
+        lines[row["id"]] = lineno
         rows.append(row)
     return rows
 
@@ -63,16 +69,22 @@ def run(config: JudgeConfig) -> Path:
     """Judge every candidates record into `config.out`; return its path. See module docstring."""
     out = Path(config.out)
     rows = load_candidates(config.candidates)
+    # Load the judge before anything is written: a wrong --reward-fn must fail without leaving an output behind.
+    try:
+        judge_ = load_judge(config.judge, **config.judge_options())
+    except (ValueError, AttributeError, ImportError, FileNotFoundError) as e:
+        raise ConfigError(f"--judge {config.judge}: {e}") from None
     state = StageRun("judge", out, config)
     if state.begin(config.new_run) == "done":
         log.info("%s is complete (config %s); nothing to do", out, state.hash)
+        judge_.close()
         return out
 
     statuses: Counter[str] = Counter()
     with JsonlStore(out) as store:
         todo = [r for r in rows if r["id"] not in store.done]
         progress = Progress(len(rows), "judge", initial=len(rows) - len(todo))
-        judge = load_judge(config.judge, **config.judge_options()) if todo else None
+        judge = judge_ if todo else None
         try:
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
@@ -105,7 +117,9 @@ def _judgment(row: dict[str, Any], verdict: dict[str, Any], judge_name: str, cha
         "scores": verdict["scores"],
         "statuses": verdict["statuses"],
         "errors": verdict["errors"],
-        "status": bad[0] if bad and len(bad) == len(verdict["statuses"]) else ("partial" if bad else "ok"),
+        # Row status per DESIGN.md: "ok" when every completion was judged, else the first failure's status
+        # (per-completion detail is in `statuses` and `errors`).
+        "status": bad[0] if bad else "ok",
         "round": row.get("round", 0),
         "config_hash": chash,
     }

@@ -154,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if "_" in f.name:
             names.append(f"--{f.name}")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if default not in (None, dataclasses.MISSING) and f.default_factory is dataclasses.MISSING:
             help_text += f" (default: {default})"
         if base is bool:

@@ -18,6 +18,8 @@ from prefloop.store import InputError, iter_records
 Messages = list[dict[str, str]]
 Prompt = str | Messages
 ROLES = ("system", "user", "assistant", "tool")
+# Extra columns reach reward functions as keyword arguments next to these, so they cannot share their names.
+RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "trainer_state")
 
 
 class Completion(TypedDict):
@@ -89,7 +91,14 @@ def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
                                        **({} if path.is_dir() else {"data_files": str(path)}))
         return [(f"{path}:row {i + 1}", dict(row)) for i, row in enumerate(ds)]
     if suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise InputError(
+                f"{path}:{line}: not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}). "
+                "Fix: re-encode the file as UTF-8."
+            ) from None
         if text.lstrip().startswith("["):
             try:
                 data = json.loads(text)
@@ -140,6 +149,12 @@ def load_prompts(
         by_id[rid] = (canonical, where)
         seen_content.add(canonical)
         extras = {k: v for k, v in row.items() if k not in (prompt_field, id_field, "prompt", "id")}
+        clash = sorted(set(extras) & set(RESERVED_COLUMNS))
+        if clash:
+            raise InputError(
+                f"{where}: column(s) {', '.join(clash)} clash with the reward-function arguments of the same name. "
+                "Fix: rename those columns."
+            )
         out.records.append({"id": rid, "prompt": prompt, **extras})
     if not out.records:
         raise InputError(f"{path}: no prompts found. Fix: the file needs at least one row with `{prompt_field}`.")

@@ -81,7 +81,9 @@ class StageRun:
                 )
             summary = self.summary()
             if summary.get("status") == "done" and self._output_exists():
-                return "done"
+                if summary.get("output_bytes") in (None, self._output_bytes()):
+                    return "done"
+                log.warning("%s changed size since it was finished; checking it by resuming", self.out)
             return "resume"
         if self._output_exists():
             raise ConfigDriftError(
@@ -107,8 +109,13 @@ class StageRun:
             "seconds": round(time.time() - self.started, 3),
             **counts,
         }
+        if not self.directory and self.out.is_file():
+            summary["output_bytes"] = self._output_bytes()
         atomic_write_json(self.summary_path, summary)
         return summary
+
+    def _output_bytes(self) -> int | None:
+        return self.out.stat().st_size if self.out.is_file() else None
 
     def _output_exists(self) -> bool:
         if self.directory:

@@ -282,12 +282,16 @@ def merge(inputs: list[str | Path], out: str | Path) -> dict[str, int]:
     """
     seen: dict[str, bytes] = {}
     lines: list[bytes] = []
-    conflicts = duplicates = 0
+    conflicts = duplicates = torn = 0
     for path in inputs:
-        repair_tail(path)
+        # Inputs are read, never repaired: a shard may still be being written by its worker.
         with open(path, "rb") as f:
             for line in f:
                 if not line.strip():
+                    continue
+                if not line.endswith(b"\n") or not _parses(line):
+                    torn += 1
+                    log.warning("merge: skipping a torn line in %s (its shard can be resumed)", path)
                     continue
                 rid = _line_id(line)
                 if rid in seen:
@@ -300,4 +304,4 @@ def merge(inputs: list[str | Path], out: str | Path) -> dict[str, int]:
                 seen[rid] = line
                 lines.append(line)
     atomic_write(out, b"".join(lines))
-    return {"records": len(lines), "duplicates": duplicates, "conflicts": conflicts}
+    return {"records": len(lines), "duplicates": duplicates, "conflicts": conflicts, "torn": torn}
