@@ -1,0 +1,453 @@
+"""The train stage: DPO (and TRL's other preference losses) on a pairs file, LoRA by default.
+
+    python -m prefloop.train.dpo --model tiny --pairs round_001/pairs.jsonl --out round_001/train
+    python -m prefloop.train.dpo --model tiny --pairs round_002/pairs.jsonl --out round_002/train \
+        --adapter round_001/train/adapter --reference previous --loss sigmoid,sft
+
+Outputs in `out/`: `adapter/` (LoRA + tokenizer; `model/` for full fine-tuning), optional `merged/`,
+`checkpoints/checkpoint-N/`, `config.yaml` (resolved config + hash, written first) and `train_summary.json`
+(written last).
+
+Reference model, per case (TRL 1.16 `DPOTrainer`; see `build_trainer`):
+  (a) no adapter              -> policy: `model` + a new LoRA (B = 0, so policy == `model` at step 0);
+                                 reference: `model` with the adapter disabled.
+  (b) adapter, previous       -> policy continues the adapter; reference: a frozen copy of it (TRL's "ref" adapter),
+                                 i.e. the previous round's policy.
+  (c) adapter, initial        -> policy continues the adapter; reference: `model` with adapters disabled.
+  (d) no adapter, previous    -> as (a): with no adapter the previous policy *is* `model`, so the reference is the
+                                 same model the policy starts from (logged).
+  full fine-tuning (lora=False): reference: a frozen copy of `model` as loaded. `initial` is therefore only the
+                                 initial model if `model` is; no adapter may be given.
+
+Failure semantics: checkpoints (`save_steps`) hold the adapter, optimizer, scheduler, RNG and trainer state; the
+trainer state file is written last, so a checkpoint without it is torn and skipped. A re-run resumes from the last
+complete checkpoint (same data order and schedule), losing at most `save_steps` steps. Final outputs are written
+to a temp dir and renamed into place; `train_summary.json` is written last and marks the stage done, so re-running a
+finished stage does nothing. Resuming with a changed config is refused, naming the changed keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefloop.config import ConfigError, add_arguments, field, from_args, to_dict
+from prefloop.runstate import StageRun
+from prefloop.store import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+# TRL 1.16 `DPOConfig.loss_type` values; checked here so a typo fails before any model loads, not at step 1.
+LOSS_TYPES = tuple(
+    "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero apo_down discopop sft "
+    "sigmoid_norm".split()
+)
+DTYPES = ("auto", "bfloat16", "float32", "float16")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(help="Base model directory (from_pretrained path) the policy starts from.")
+    pairs: str = field(
+        help="Preference pairs JSONL in TRL format (standard or conversational), as `prefloop pairs` "
+        "writes it; loaded with datasets.load_dataset('json') and given to DPOTrainer as is."
+    )
+    out: str = field(
+        help="Output directory: adapter/ (or model/), merged/, checkpoints/, train_summary.json.", hash=False
+    )
+    adapter: str | None = field(None, help="LoRA adapter of a previous round: the policy continues from it.")
+    reference: str = field(
+        "initial",
+        help="DPO reference: `initial` (`model`, adapters disabled) or `previous` "
+        "(a frozen copy of `adapter`, the previous round's policy).",
+    )
+    loss: list[str] = field(
+        ["sigmoid"],
+        help=f"TRL loss type(s), comma separated, e.g. sigmoid,sft (RPO). One of: {', '.join(LOSS_TYPES)}.",
+    )
+    loss_weights: list[float] | None = field(None, help="One weight per loss (default: 1.0 each), e.g. 1.0,0.2.")
+    beta: float = field(0.1, help="DPO beta: higher keeps the policy closer to the reference.")
+    # LoRA moves a few low-rank weights from zero; it wants ~100x the learning rate of full fine-tuning (TRL's 1e-6).
+    lr: float = field(5e-4, help="Peak learning rate (linear decay). Use ~1e-6 for full fine-tuning.")
+    epochs: float = field(1.0, help="Passes over the pairs.")
+    max_steps: int = field(-1, help="Stop after this many optimizer steps (-1: `epochs` decides).")
+    batch_size: int = field(8, help="Pairs per device per forward pass.")
+    grad_accum: int = field(1, help="Forward passes accumulated per optimizer step.")
+    max_length: int = field(1024, help="Token cap on prompt + completion; longer sequences are truncated at the end.")
+    lora: bool = field(True, help="Train a LoRA adapter (the base stays frozen); --no-lora for full fine-tuning.")
+    lora_r: int = field(16, help="LoRA rank (new adapters only; a continued adapter keeps its own shape).")
+    lora_alpha: int = field(32, help="LoRA scaling numerator: the update is scaled by alpha / r.")
+    lora_dropout: float = field(
+        0.0,
+        help="LoRA dropout. TRL turns all dropout off for DPO; a value > 0 keeps dropout on (the base model's too).",
+    )
+    lora_target_modules: str = field(
+        "all-linear", help="Modules that get LoRA: all-linear, or a comma list such as q_proj,v_proj (never lm_head)."
+    )
+    merge: bool = field(False, help="Also write base + adapter merged into a full model at out/merged.", hash=False)
+    seed: int = field(0, help="Seed for adapter init and data order.")
+    dtype: str = field(
+        "auto",
+        help="auto (bf16 on CUDA sm80+ or CPUs with native bf16, else fp32), bfloat16, float32, float16 (CUDA only).",
+    )
+    gradient_checkpointing: bool = field(
+        True, help="Recompute activations in backward: less memory, about a fifth slower.", hash=False
+    )
+    save_steps: int = field(100, help="Checkpoint every N optimizer steps (a crash loses at most N).", hash=False)
+    keep_checkpoints: int = field(2, help="Newest checkpoints kept on disk.", hash=False)
+    logging_steps: int = field(10, help="Log loss and rewards every N steps.", hash=False)
+    report_to: str = field("none", help="Trainer loggers: none, tensorboard, wandb (comma list).", hash=False)
+    new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
+
+    def __post_init__(self) -> None:
+        # Python callers may pass "sigmoid,sft" where the CLI would have split it already.
+        self.loss = _split(self.loss, str)
+        if self.loss_weights is not None:
+            self.loss_weights = _split(self.loss_weights, float)
+        for key in ("model", "pairs", "out"):
+            if not getattr(self, key):
+                raise ConfigError(f"`{key}` is required. Fix: pass --{key} PATH.")
+        if self.reference not in ("initial", "previous"):
+            raise ConfigError(f"reference = {self.reference!r}. Fix: use `initial` or `previous`.")
+        unknown = [x for x in self.loss if x not in LOSS_TYPES]
+        if unknown or not self.loss:
+            raise ConfigError(f"loss = {self.loss}: unknown {unknown}. Fix: choose from {', '.join(LOSS_TYPES)}.")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss):
+            raise ConfigError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss)} losses "
+                f"({','.join(self.loss)}). Fix: give one weight per loss, or omit loss_weights."
+            )
+        if not self.lora and self.adapter:
+            raise ConfigError(
+                "adapter is set with lora=False. Fix: drop --adapter (full fine-tuning continues from "
+                "--model; pass a merged model there) or keep LoRA on."
+            )
+        if not self.lora and self.merge:
+            raise ConfigError("merge=True needs LoRA. Fix: drop --merge; full fine-tuning already writes out/model.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype = {self.dtype!r}. Fix: use one of {', '.join(DTYPES)}.")
+        if self.beta <= 0 or self.lr <= 0:
+            raise ConfigError(f"beta ({self.beta}) and lr ({self.lr}) must be > 0.")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("Nothing to train: epochs <= 0 and max_steps <= 0. Fix: set --epochs or --max-steps.")
+        for key in ("batch_size", "grad_accum", "lora_r", "save_steps", "keep_checkpoints", "logging_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be >= 1.")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length = {self.max_length}: need room for a prompt and a completion token.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout = {self.lora_dropout} must be in [0, 1).")
+        if "lm_head" in self.lora_target_modules.split(","):
+            raise ConfigError(
+                "LoRA on lm_head is never trained by TRL's DPO (it reads lm_head.weight directly). "
+                "Fix: remove lm_head from --lora-target-modules."
+            )
+
+
+def _split(value: Any, kind: type) -> list:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        out += [kind(x.strip()) for x in item.split(",") if x.strip()] if isinstance(item, str) else [kind(item)]
+    return out
+
+
+def resolve_dtype(dtype: str) -> tuple[Any, str]:
+    """(torch dtype, reason). `auto`: bf16 where the hardware runs it natively, else fp32 (emulated bf16 is slow)."""
+    import torch
+
+    if dtype != "auto":
+        if dtype == "float16" and not torch.cuda.is_available():
+            raise ConfigError("dtype float16 needs a CUDA GPU (fp16 mixed precision). Fix: --dtype auto or float32.")
+        return getattr(torch, dtype), "set by the user"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major >= 8:
+            return torch.bfloat16, f"GPU sm{major}{minor} >= sm80 has native bf16"
+        return torch.float32, f"GPU sm{major}{minor} < sm80 has no fast bf16"
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return torch.bfloat16, "CPU has AMX"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return torch.bfloat16, "CPU has AVX512-BF16"
+    return torch.float32, "CPU has no native bf16 (no AMX/AVX512-BF16)"
+
+
+def describe(config: TrainConfig) -> tuple[str, str]:
+    """(policy init, reference) in words, for the start log line and the summary."""
+    if not config.lora:
+        return f"{config.model} (full fine-tuning)", f"frozen copy of {config.model}"
+    if config.adapter is None:
+        ref = f"{config.model} (adapter disabled)"
+        if config.reference == "previous":
+            ref += "; reference=previous with no adapter: the previous policy is the model itself"
+        return f"{config.model} + new LoRA (B=0)", ref
+    if config.reference == "previous":
+        return f"{config.model} + {config.adapter}", f"frozen copy of {config.adapter} ('ref' adapter)"
+    return f"{config.model} + {config.adapter}", f"{config.model} (adapters disabled)"
+
+
+def load_pairs(path: str | Path):
+    """The pairs file as a `datasets.Dataset`, unconverted: extra columns (id, scores, meta) are dropped by TRL."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pairs file not found. Fix: run `prefloop pairs` first or check --pairs.")
+    dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+    if missing:
+        raise ConfigError(f"{path}: missing field(s) {sorted(missing)}; pairs need prompt, chosen and rejected.")
+    if len(dataset) == 0:
+        raise ConfigError(f"{path}: no pairs to train on. Fix: check the pairs stage's drop counts.")
+    return dataset
+
+
+def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=None):
+    """A ready `DPOTrainer` whose reference follows `config.reference` (checked, not assumed; see module doc).
+
+    `dataset` defaults to `load_pairs(config.pairs)`. TRL drops pairs whose prompt alone fills `max_length`; the
+    number dropped is logged as a warning.
+
+    With reference=previous, disabling the adapter must not silently mean the base model: TRL keeps a frozen
+    "ref" copy of the loaded adapter, and this function fails if that copy is missing or differs from it.
+    """
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    dtype, reason = resolve_dtype(config.dtype)
+    # Frozen LoRA bases can sit in bf16; fully trained weights stay fp32 so AdamW updates are not rounded away.
+    weights_dtype = dtype if config.lora and dtype != torch.float32 else torch.float32
+    log.info("train: dtype %s (%s); weights in %s", dtype, reason, weights_dtype)
+    policy, reference = describe(config)
+    log.info(
+        "train: policy starts from %s; reference = %s; loss = %s, beta = %s",
+        policy,
+        reference,
+        ",".join(config.loss),
+        config.beta,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=weights_dtype)
+    peft_config = None
+    if config.lora and config.adapter is None:
+        targets = config.lora_target_modules
+        peft_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            task_type="CAUSAL_LM",
+            target_modules=targets if targets == "all-linear" else _split(targets, str),
+        )
+    elif config.adapter is not None:
+        if not Path(config.adapter, "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{config.adapter}: no adapter_config.json. Fix: pass a LoRA adapter directory "
+                "(a previous round's out/adapter)."
+            )
+        model = PeftModel.from_pretrained(model, config.adapter, is_trainable=True)
+        shape = model.peft_config["default"]
+        if (shape.r, shape.lora_alpha) != (config.lora_r, config.lora_alpha):
+            log.info(
+                "train: continuing %s with its own r=%s, alpha=%s (lora_r/lora_alpha apply to new adapters)",
+                config.adapter,
+                shape.r,
+                shape.lora_alpha,
+            )
+
+    cuda = torch.cuda.is_available()
+    ckpt_kwargs: dict[str, Any] = {"gradient_checkpointing": config.gradient_checkpointing}
+    if "activation_checkpointing" in DPOConfig.__dataclass_fields__:  # transformers>=5 renamed it (and warns)
+        ckpt_kwargs = {"activation_checkpointing": config.gradient_checkpointing, "gradient_checkpointing": None}
+    args = DPOConfig(
+        output_dir=str(Path(config.out) / "checkpoints"),
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length,
+        beta=config.beta,
+        loss_type=list(config.loss),
+        loss_weights=config.loss_weights,
+        seed=config.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not cuda,  # without it, bf16 on a CPU-only machine is refused by TrainingArguments
+        disable_dropout=config.lora_dropout == 0.0,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.keep_checkpoints,
+        logging_steps=config.logging_steps,
+        report_to=[] if config.report_to == "none" else _split(config.report_to, str),
+        disable_tqdm=False,
+        **ckpt_kwargs,
+    )
+    dataset = load_pairs(config.pairs) if dataset is None else dataset
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    dropped = len(dataset) - len(trainer.train_dataset)
+    if dropped:
+        log.warning(
+            "train: %d of %d pairs dropped: their prompt alone fills max_length=%d (raise --max-length)",
+            dropped,
+            len(dataset),
+            config.max_length,
+        )
+    if config.adapter is not None and config.reference == "initial":
+        # TRL copied the loaded adapter into a frozen "ref" adapter; without it, TRL's reference forward runs with
+        # adapters disabled, which is `model` -- what `initial` asks for. "ref" is inactive, so "default" stays put.
+        trainer.model.delete_adapter("ref")
+    _check_reference(trainer, config)
+    return trainer
+
+
+def _check_reference(trainer, config: TrainConfig) -> None:
+    """Fail loudly if the trainer's models and adapters do not give the reference the config asks for."""
+    import torch
+
+    if not config.lora:
+        if trainer.ref_model is None:
+            raise RuntimeError("full fine-tuning without a reference model copy; TRL's behaviour changed?")
+        return
+    model = trainer.model
+    peft_config = model.peft_config
+    want_ref = config.adapter is not None and config.reference == "previous"
+    if want_ref != ("ref" in peft_config) or model.active_adapter != "default":
+        raise RuntimeError(
+            f"adapters {list(peft_config)} (active {model.active_adapter!r}) do not match "
+            f"reference={config.reference} with adapter={config.adapter}; TRL's behaviour changed?"
+        )
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if ".ref." in name:
+            twin = params[name.replace(".ref.", ".default.")]
+            if param.requires_grad or not torch.equal(param, twin):
+                raise RuntimeError(f"{name}: the 'ref' adapter must be a frozen copy of the loaded adapter.")
+        elif param.requires_grad and ".default." not in name:
+            raise RuntimeError(f"{name} is trainable, but only the 'default' adapter should be.")
+    if not any(p.requires_grad for p in params.values()):
+        raise RuntimeError("no trainable parameters: the 'default' adapter is frozen.")
+
+
+def last_complete_checkpoint(root: str | Path) -> Path | None:
+    """Newest `checkpoint-N` under `root` that has its `trainer_state.json` (saved last); torn ones are logged."""
+    root = Path(root)
+    found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return path
+        log.warning("train: skipping %s: no trainer_state.json (the save was interrupted)", path)
+    return None
+
+
+def _complete(path: Path, lora: bool) -> bool:
+    if lora:
+        return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    return (path / "config.json").is_file() and any((path / n).is_file() for n in weights)
+
+
+def run(config: TrainConfig, callbacks: list | None = None) -> Path:
+    """Train on `config.pairs`; return `config.out` (holding adapter/ or model/, and train_summary.json)."""
+    out = Path(config.out)
+    final = out / ("adapter" if config.lora else "model")
+    state = StageRun("train", out, config, directory=True)
+    state.summary_path = out / "train_summary.json"  # the name the loop and report read
+    status = state.begin(new_run=config.new_run)
+    if status == "done" and _complete(final, config.lora):
+        log.info("train: %s is finished; nothing to do", out)
+        if config.merge and not _complete(out / "merged", lora=False):
+            _merge(config, final, out / "merged")
+            atomic_write_json(state.summary_path, {**state.summary(), "merged": str(out / "merged")})
+        return out
+
+    started = time.time()
+    dataset = load_pairs(config.pairs)
+    trainer = build_trainer(config, callbacks, dataset)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    resume = last_complete_checkpoint(out / "checkpoints")
+    if resume is not None:
+        log.info("train: resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    with atomic_dir(final) as tmp:
+        if config.lora:
+            model.save_pretrained(tmp, selected_adapters=["default"])  # not the frozen "ref" copy
+        else:
+            model.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+    if config.merge:
+        _merge(config, final, out / "merged")
+
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    runtime = result.metrics.get("train_runtime")
+    # TRL counts the tokens it trained on in this session (a resumed run starts the count again, as does runtime).
+    tokens = getattr(trainer, "_total_train_tokens", None)
+    policy, reference = describe(config)
+    state.finish(
+        steps=trainer.state.global_step,
+        final_loss=losses[-1] if losses else None,
+        mean_loss=result.training_loss,
+        runtime_s=runtime,
+        tokens=tokens,
+        tokens_per_s=round(tokens / runtime, 1) if tokens and runtime else None,
+        trainable_params=trainable,
+        total_params=total,
+        pairs=len(trainer.train_dataset),
+        pairs_dropped_too_long=len(dataset) - len(trainer.train_dataset),
+        resumed_from=str(resume) if resume else None,
+        policy_init=policy,
+        reference=reference,
+        output=str(final),
+        merged=str(out / "merged") if config.merge else None,
+        wall_s=round(time.time() - started, 3),
+        config=to_dict(config),
+    )
+    log.info("train: %d steps, final loss %s -> %s", trainer.state.global_step, losses[-1] if losses else None, final)
+    return out
+
+
+def _merge(config: TrainConfig, adapter_dir: Path, merged_dir: Path) -> None:
+    """Base + adapter folded into one model (for servers without LoRA), merged in fp32, saved in the base's dtype."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base_dtype = getattr(AutoConfig.from_pretrained(config.model), "dtype", None) or torch.float32
+    base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
+    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(base_dtype)
+    with atomic_dir(merged_dir) as tmp:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
+    log.info("train: merged model -> %s", merged_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file with TrainConfig keys (flags win).")
+    add_arguments(parser, TrainConfig)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    print(run(from_args(TrainConfig, parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
