@@ -113,6 +113,9 @@ def _coerce(name: str, tp: Any, value: Any, source: str) -> Any:
                 raise TypeError
             return bool(value)
         if base in (int, float, str):
+            # No silent cross-type coercion: a list is not a string, a bool is not a number.
+            if base is str and not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
             if base is int and isinstance(value, float) and not value.is_integer():
                 raise TypeError
             return base(value)

@@ -133,6 +133,13 @@ def load_prompts(
         if chat and isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(
+                f"{where}: contains an unpaired surrogate ({e.object[e.start]!r}, a lone \\udXXX escape) that is not "
+                "valid Unicode. Fix: remove or repair that escape."
+            ) from None
         rid = row.get(id_field)
         rid = prompt_id(prompt) if rid in (None, "") else str(rid)
         if rid in by_id:

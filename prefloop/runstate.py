@@ -72,8 +72,8 @@ class StageRun:
             old = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
             new = hashed_dict(self.config)
             old_hashed = {k: old.get(k) for k in new}
-            if config_hash(old_hashed) != self.hash:
-                keys = changed_keys(old_hashed, new)
+            keys = changed_keys(old_hashed, new)  # by value: 0 and 0.0 are the same temperature
+            if keys:
                 raise ConfigDriftError(
                     f"{self.out} was started with a different {self.stage} config (changed: {', '.join(keys)}). "
                     f"Fix: restore those values to resume, or pass --new-run to move the old output aside and start "
@@ -126,6 +126,9 @@ class StageRun:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for path in (self.out, self.config_path, self.summary_path):
             if path.exists() and not (self.directory and path.parent == self.out):
-                aside = path.with_name(f"{path.name}.old-{stamp}")
+                aside, i = path.with_name(f"{path.name}.old-{stamp}"), 0
+                while aside.exists():  # two --new-run in one second must not overwrite the first set-aside
+                    i += 1
+                    aside = path.with_name(f"{path.name}.old-{stamp}-{i}")
                 os.replace(path, aside)
                 log.warning("--new-run: moved %s to %s", path, aside)
