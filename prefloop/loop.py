@@ -175,7 +175,7 @@ def _eval_summary(judgments: Path) -> dict[str, Any]:
     """Mean held-out score; accuracy too when the judge's scores are binary (a verifier)."""
     scores, lengths, failed = [], [], 0
     for _, row in iter_records(judgments):
-        for score, completion in zip(row["scores"], row["completions"]):
+        for score, completion in zip(row["scores"], row["completions"], strict=True):
             lengths.append(len(completion["text"]))
             if score is None:
                 failed += 1
@@ -192,14 +192,14 @@ def _eval_summary(judgments: Path) -> dict[str, Any]:
     return summary
 
 
-def _phase(manifest: Manifest, k: int, name: str, fn, output_of=lambda out: out) -> None:
-    """Run one phase unless the manifest says it is done; record its summary."""
+def _phase(manifest: Manifest, k: int, name: str, fn) -> None:
+    """Run one phase unless the manifest says it is done; `fn() -> (output file or None, summary)`."""
     if manifest.phase_done(k, name):
         return
     started = manifest.start(k, name)
     log.info("round %d: %s", k, name)
     output, summary = fn()
-    manifest.done(k, name, started, output_of(output), summary)
+    manifest.done(k, name, started, output, summary)
 
 
 def _evaluate(config: LoopConfig, manifest: Manifest, k: int, adapter: str | None, round_dir: Path) -> None:
@@ -219,76 +219,79 @@ def _evaluate(config: LoopConfig, manifest: Manifest, k: int, adapter: str | Non
     _phase(manifest, k, "eval", phase)
 
 
+def _draw_phase(config: LoopConfig, pool: list[dict[str, Any]], k: int, d: Path):
+    chosen = _draw_prompts(pool, config.prompts_per_round, config.seed, k)
+    atomic_write(d / "prompts.jsonl", "".join(dumps(p) for p in chosen))
+    return d / "prompts.jsonl", {"prompts": len(chosen)}
+
+
+def _generate_phase(config: LoopConfig, k: int, adapter: str | None):
+    out = generate(config.stage_config("generate", k, {**config.gen, "adapter": adapter}))
+    summary = read_summary(out)
+    if summary.get("status") != "done":
+        raise RuntimeError(f"round {k}: generate ended {summary.get('status')}: {summary}")
+    return out, {**summary, "mean_length": _mean_length(out)}
+
+
+def _judge_phase(config: LoopConfig, k: int):
+    out = judge(config.stage_config("judge", k, {}))
+    return out, read_summary(out)
+
+
+def _pairs_phase(config: LoopConfig, k: int, d: Path):
+    out = select_pairs(config.stage_config("pairs", k, {}))
+    summary = read_summary(out)
+    if config.data == "accumulate":
+        parts = [Path(config.out) / f"round_{j:03d}" / "pairs.jsonl" for j in range(1, k + 1)]
+        atomic_write(d / "train_pairs.jsonl", b"".join(p.read_bytes() for p in parts))
+        summary["train_pairs"] = sum(1 for p in parts for _ in iter_records(p))
+    return out, summary
+
+
+def _train_phase(config: LoopConfig, k: int, d: Path, adapter: str | None):
+    from prefloop.train.dpo import run as train
+
+    pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else "pairs.jsonl")
+    init_adapter = adapter if config.init == "previous" else None
+    out = Path(train(config.stage_config("train", k, {"pairs": str(pairs_file), "adapter": init_adapter})))
+    summary_path = out / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return None, summary  # a directory: no single-file checksum
+
+
+def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k: int, adapter: str | None) -> str:
+    """Run (or resume) round k, whose policy is base + `adapter`; return the adapter it trains."""
+    d = Path(config.out) / f"round_{k:03d}"
+    manifest.round(k, {"model": config.model, "adapter": adapter})
+    _phase(manifest, k, "prompts", lambda: _draw_phase(config, pool, k, d))
+    _phase(manifest, k, "generate", lambda: _generate_phase(config, k, adapter))
+    _phase(manifest, k, "judge", lambda: _judge_phase(config, k))
+    _phase(manifest, k, "pairs", lambda: _pairs_phase(config, k, d))
+    _phase(manifest, k, "train", lambda: _train_phase(config, k, d, adapter))
+    trained = str(d / "train" / "adapter")
+    manifest.data["rounds"][k]["trained_adapter"] = trained
+    _evaluate(config, manifest, k, trained, d)
+    return trained
+
+
 def run(config: LoopConfig) -> Path:
     """Run (or resume) the loop in `config.out`; return the run directory. See module docstring."""
     from prefloop.report import write_report
 
     root = Path(config.out)
-    StageRun("loop", root, config, directory=True).begin()  # writes config.yaml; refuses a changed config, naming the keys
+    StageRun("loop", root, config, directory=True).begin()  # writes config.yaml; refuses a changed config
     pool = load_prompts(config.prompts).records  # validated whole before any model loads
     if config.eval_prompts:
         load_prompts(config.eval_prompts)
     manifest = Manifest(config)
     manifest.data["status"] = "running"
 
-    adapter: str | None = None
     manifest.round(0, {"model": config.model, "adapter": None})
     _evaluate(config, manifest, 0, None, root / "round_000")
     write_report(root)
+    adapter: str | None = None
     for k in range(1, config.rounds + 1):
-        d = root / f"round_{k:03d}"
-        manifest.round(k, {"model": config.model, "adapter": adapter})
-
-        def draw(k=k, d=d):
-            chosen = _draw_prompts(pool, config.prompts_per_round, config.seed, k)
-            atomic_write(d / "prompts.jsonl", "".join(dumps(p) for p in chosen))
-            return d / "prompts.jsonl", {"prompts": len(chosen)}
-
-        _phase(manifest, k, "prompts", draw)
-
-        def gen_phase(k=k):
-            out = generate(config.stage_config("generate", k, {**config.gen, "adapter": adapter}))
-            summary = read_summary(out)
-            if summary.get("status") != "done":
-                raise RuntimeError(f"round {k}: generate ended {summary.get('status')}: {summary}")
-            return out, {**summary, "mean_length": _mean_length(out)}
-
-        _phase(manifest, k, "generate", gen_phase)
-
-        def judge_phase(k=k):
-            cfg = config.stage_config("judge", k, {})
-            out = judge(cfg)
-            return out, read_summary(out)
-
-        _phase(manifest, k, "judge", judge_phase)
-
-        def pairs_phase(k=k, d=d):
-            cfg = config.stage_config("pairs", k, {})
-            out = select_pairs(cfg)
-            summary = read_summary(out)
-            if config.data == "accumulate":
-                parts = [root / f"round_{j:03d}" / "pairs.jsonl" for j in range(1, k + 1)]
-                atomic_write(d / "train_pairs.jsonl", b"".join(p.read_bytes() for p in parts))
-                summary["train_pairs"] = sum(1 for p in parts for _ in iter_records(p))
-            return out, summary
-
-        _phase(manifest, k, "pairs", pairs_phase)
-
-        def train_phase(k=k, d=d):
-            from prefloop.train.dpo import run as train
-
-            pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else "pairs.jsonl")
-            init_adapter = adapter if config.init == "previous" else None
-            cfg = config.stage_config("train", k, {"pairs": str(pairs_file), "adapter": init_adapter})
-            out = train(cfg)
-            summary_path = Path(out) / "train_summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            return Path(out) / "adapter", summary
-
-        _phase(manifest, k, "train", train_phase, output_of=lambda out: None)
-        adapter = str(d / "train" / "adapter")
-        manifest.data["rounds"][k]["trained_adapter"] = adapter
-        _evaluate(config, manifest, k, adapter, d)
+        adapter = _round(config, manifest, pool, k, adapter)
         manifest.save()
         write_report(root)
 

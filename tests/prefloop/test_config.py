@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-from prefloop.gen.stage import GenerateConfig
 
 from prefloop.config import (
     ConfigError,
@@ -25,6 +24,7 @@ from prefloop.config import (
     load_yaml,
     to_dict,
 )
+from prefloop.gen.stage import GenerateConfig
 
 
 @dataclass

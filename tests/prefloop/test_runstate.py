@@ -11,11 +11,11 @@ import json
 import os
 from pathlib import Path
 
-import prefloop.gen.stage as stage
 import pytest
-from prefloop.gen.stage import GenerateConfig
 
+import prefloop.gen.stage as stage
 from prefloop.config import ConfigError, from_dict, load_yaml
+from prefloop.gen.stage import GenerateConfig
 from prefloop.runstate import ConfigDriftError, StageRun, sidecar
 from prefloop.store import InputError
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from prefloop.train.dpo import TrainConfig
 
 from prefloop.tiny import save_tiny
+from prefloop.train.dpo import TrainConfig
 
 N_PAIRS = 8
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from prefloop.train.dpo import TrainConfig, build_trainer, last_complete_checkpoint, load_pairs, run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from prefloop.config import ConfigError
 from prefloop.runstate import ConfigDriftError
+from prefloop.train.dpo import TrainConfig, build_trainer, last_complete_checkpoint, load_pairs, run
 
 LN2 = math.log(2)
 

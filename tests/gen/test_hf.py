@@ -1,0 +1,190 @@
+"""HFGenerator on a real tiny Llama (CPU, fp32 so exact comparisons are not blurred by bf16 rounding)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefloop.gen import Sampling
+from prefloop.gen.hf import HFGenerator, resolve_dtype
+from prefloop.tiny import build_model, build_tokenizer
+
+PROMPTS = ["7", "12+34=", "The quick brown fox jumps over the lazy dog, then", "a" * 70, "Hello, w"]
+GREEDY = Sampling(max_new_tokens=12, temperature=0.0)
+
+
+def make_gen(path: Path, **kw) -> HFGenerator:
+    return HFGenerator(str(path), dtype="float32", device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model: Path) -> HFGenerator:
+    return make_gen(tiny_model, batch_size=6)
+
+
+def texts(out) -> list[list[str]]:
+    return [[c["text"] for c in cs] for cs in out]
+
+
+@pytest.fixture(scope="module")
+def eos_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose greedy first token is always EOS.
+
+    With o_proj/down_proj zeroed the residual stream is just the input embedding; every embedding row is a positive
+    multiple of the all-ones vector, so the final hidden state is all-ones and (tied weights) the logit of token t is
+    sum(E[t]): EOS, with the largest multiple, always wins.
+    """
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        emb = model.get_input_embeddings().weight
+        emb.fill_(1.0)
+        emb[tokenizer.eos_token_id] = 2.0
+    out = tmp_path_factory.mktemp("eos") / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(adapter dir, merged model dir): a LoRA with random nonzero B (so it changes outputs) and its manual merge."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # LoRA initialises B to zero, which would leave the model unchanged
+    root = tmp_path_factory.mktemp("lora")
+    peft_model.save_pretrained(root / "adapter")
+    peft_model.merge_and_unload().save_pretrained(root / "merged")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(root / "merged")
+    return root / "adapter", root / "merged"
+
+
+def test_order_and_batching_match_one_by_one(gen: HFGenerator, tiny_model: Path):
+    """n completions per prompt, in input order; greedy output of length-sorted left-padded batches equals one-by-one."""
+    out = gen.generate(PROMPTS, n=2, sampling=GREEDY)
+    assert [len(cs) for cs in out] == [2] * len(PROMPTS)
+    assert len({cs[0]["text"] for cs in out}) == len(PROMPTS)  # distinct outputs, so a reordering would show
+    single = make_gen(tiny_model, batch_size=1)
+    for i, prompt in enumerate(PROMPTS):
+        assert texts(single.generate([prompt], n=2, sampling=GREEDY))[0] == texts(out)[i], f"prompt {i}"
+    capped = make_gen(tiny_model, batch_size=64, max_batch_tokens=100)  # token cap forces smaller batches
+    assert texts(capped.generate(PROMPTS, n=2, sampling=GREEDY)) == texts(out)
+
+
+def test_messages_go_through_chat_template(gen: HFGenerator):
+    """A message prompt is rendered with the chat template (+ generation prompt); a string is used as raw text."""
+    messages = [{"role": "user", "content": "12+34="}]
+    rendered = gen.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "user: 12+34=\nassistant: "
+    chat, raw_rendered, raw = gen.generate([messages, rendered, "12+34="], n=1, sampling=GREEDY)
+    assert chat == raw_rendered
+    assert chat != raw
+
+
+def test_finish_reason_length(gen: HFGenerator):
+    """Without EOS, a completion ends at max_new_tokens with finish_reason 'length' and num_tokens == max_new_tokens."""
+    # Prompts whose greedy continuation (random model) has no special tokens, so text length == token count.
+    out = gen.generate(["7", "12+34=", "Hello, w"], n=2, sampling=Sampling(max_new_tokens=7, temperature=0.0))
+    for cs in out:
+        for c in cs:
+            assert (c["finish_reason"], c["num_tokens"]) == ("length", 7)
+            assert len(c["text"]) == 7  # char-level tokenizer: one character per token
+
+
+def test_finish_reason_stop_on_eos(eos_model: Path):
+    """An EOS ends the completion: finish_reason 'stop', the EOS counted in num_tokens, and not in the text."""
+    out = make_gen(eos_model).generate(["12+34=", [{"role": "user", "content": "hi"}]], n=3, sampling=GREEDY)
+    assert out == [[{"text": "", "finish_reason": "stop", "num_tokens": 1}] * 3] * 2
+
+
+def test_stop_string_truncates(gen: HFGenerator):
+    """A stop string ends the completion: the text is cut before it, finish_reason 'stop', tokens counted through it."""
+    full = gen.generate(["Hello, w"], n=1, sampling=GREEDY)[0][0]["text"]
+    stop = full[4:6]
+    cut = gen.generate(["Hello, w"], n=1, sampling=Sampling(max_new_tokens=12, temperature=0.0, stop=[stop]))[0][0]
+    assert cut["text"] == full[: full.find(stop)]
+    assert cut["finish_reason"] == "stop"
+    assert cut["num_tokens"] == full.find(stop) + len(stop)  # char-level: tokens up to the end of the stop string
+
+
+def test_seeded_sampling_is_reproducible(gen: HFGenerator):
+    """At temperature 1 the same seed gives the same texts and a different seed different ones."""
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, seed=7)
+    first = texts(gen.generate(PROMPTS, n=3, sampling=sampling))
+    assert texts(gen.generate(PROMPTS, n=3, sampling=sampling)) == first
+    other = texts(gen.generate(PROMPTS, n=3, sampling=Sampling(max_new_tokens=12, temperature=1.0, seed=8)))
+    assert other != first
+    assert len(set(first[0])) > 1  # the n samples of one prompt differ from each other
+
+
+def test_temperature_zero_is_greedy(gen: HFGenerator):
+    """temperature 0 means greedy: all n completions of a prompt are identical, whatever the seed."""
+    out = texts(gen.generate(PROMPTS, n=4, sampling=GREEDY))
+    assert all(len(set(cs)) == 1 for cs in out)
+    reseeded = Sampling(max_new_tokens=12, temperature=0.0, seed=123)
+    assert texts(gen.generate(PROMPTS, n=4, sampling=reseeded)) == out
+
+
+def test_adapter_changes_outputs_and_equals_merged(gen: HFGenerator, tiny_model: Path, lora: tuple[Path, Path]):
+    """A LoRA adapter loaded via `adapter=` changes greedy outputs and matches the manually merged model."""
+    adapter, merged = lora
+    with_adapter = make_gen(tiny_model, adapter=str(adapter), batch_size=6)
+    assert with_adapter.name == f"{tiny_model}+adapter:{adapter}"
+    out = texts(with_adapter.generate(PROMPTS, n=1, sampling=GREEDY))
+    assert out != texts(gen.generate(PROMPTS, n=1, sampling=GREEDY))
+    assert out == texts(make_gen(merged, batch_size=6).generate(PROMPTS, n=1, sampling=GREEDY))
+
+
+def test_overlong_prompt_raises_naming_index(gen: HFGenerator):
+    """A prompt that leaves no room for max_new_tokens in the context raises ValueError naming its index; no truncation."""
+    with pytest.raises(ValueError, match=r"prompt 1 has 120 tokens.*at most 116 fit"):
+        gen.generate(["ok", "x" * 120], n=1, sampling=GREEDY)
+
+
+def test_tokens_generated_accumulates(tiny_model: Path):
+    """`tokens_generated` sums num_tokens of the decoded sequences: n per prompt when sampling, 1 when greedy."""
+    g = make_gen(tiny_model)
+    out = g.generate(PROMPTS[:2], n=3, sampling=Sampling(max_new_tokens=5, temperature=1.0))
+    assert g.tokens_generated == sum(c["num_tokens"] for cs in out for c in cs) == 30
+    g.generate(PROMPTS[:2], n=3, sampling=Sampling(max_new_tokens=5, temperature=0.0))
+    assert g.tokens_generated == 30 + 2 * 5
+    g.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        g.generate(["x"], n=1, sampling=GREEDY)
+
+
+def test_dtype_resolution():
+    """An explicit dtype wins; an unknown one fails naming the choices; auto picks fp32 or bf16 with a reason."""
+    assert resolve_dtype("float32", torch.device("cpu")) == (torch.float32, "set by the user")
+    with pytest.raises(ValueError, match="choose auto"):
+        resolve_dtype("float8", torch.device("cpu"))
+    dtype, reason = resolve_dtype("auto", torch.device("cpu"))
+    assert dtype in (torch.float32, torch.bfloat16) and reason
+
+
+def test_missing_pad_token_falls_back_to_eos(tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A tokenizer without a pad token pads with EOS, says so in the log, and still generates correctly."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_model, tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "m")
+    with caplog.at_level("WARNING", logger="prefloop.gen.hf"):
+        g = make_gen(tmp_path / "m")
+    assert "no pad token" in caplog.text and g.tokenizer.pad_token == g.tokenizer.eos_token
+    assert texts(g.generate(PROMPTS, n=1, sampling=GREEDY)) == texts(make_gen(tiny_model).generate(PROMPTS, 1, GREEDY))
