@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.config import ConfigError, add_arguments, field, from_args, to_dict
+from prefloop.device import resolve_device, resolve_dtype
 from prefloop.runstate import StageRun
 from prefloop.store import atomic_dir, atomic_write_json
 
@@ -158,26 +159,6 @@ def _split(value: Any, kind: type) -> list:
     return out
 
 
-def resolve_dtype(dtype: str) -> tuple[Any, str]:
-    """(torch dtype, reason). `auto`: bf16 where the hardware runs it natively, else fp32 (emulated bf16 is slow)."""
-    import torch
-
-    if dtype != "auto":
-        if dtype == "float16" and not torch.cuda.is_available():
-            raise ConfigError("dtype float16 needs a CUDA GPU (fp16 mixed precision). Fix: --dtype auto or float32.")
-        return getattr(torch, dtype), "set by the user"
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        if major >= 8:
-            return torch.bfloat16, f"GPU sm{major}{minor} >= sm80 has native bf16"
-        return torch.float32, f"GPU sm{major}{minor} < sm80 has no fast bf16"
-    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-        return torch.bfloat16, "CPU has AMX"
-    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return torch.bfloat16, "CPU has AVX512-BF16"
-    return torch.float32, "CPU has no native bf16 (no AMX/AVX512-BF16)"
-
-
 def describe(config: TrainConfig) -> tuple[str, str]:
     """(policy init, reference) in words, for the start log line and the summary."""
     if not config.lora:
@@ -222,7 +203,9 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    dtype, reason = resolve_dtype(config.dtype)
+    if config.dtype in ("float16", "fp16") and not torch.cuda.is_available():
+        raise ConfigError("dtype float16 needs a CUDA GPU (fp16 mixed precision). Fix: --dtype auto or float32.")
+    dtype, reason = resolve_dtype(config.dtype, resolve_device("auto"))
     # Frozen LoRA bases can sit in bf16; fully trained weights stay fp32 so AdamW updates are not rounded away.
     weights_dtype = dtype if config.lora and dtype != torch.float32 else torch.float32
     log.info("train: dtype %s (%s); weights in %s", dtype, reason, weights_dtype)

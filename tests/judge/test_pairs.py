@@ -22,7 +22,7 @@ def judgment(scores: list, texts: list[str] | None = None, prompt="2+2=", rid: s
     return {
         "id": rid,
         "prompt": prompt,
-        "completions": [{"text": t, "finish_reason": f, "num_tokens": len(t)} for t, f in zip(texts, finish)],
+        "completions": [{"text": t, "finish_reason": f, "num_tokens": len(t)} for t, f in zip(texts, finish, strict=True)],
         "judge": "python:rewards.py:fn",
         "scores": scores,
         "statuses": ["ok" if s is not None else "error" for s in scores],
