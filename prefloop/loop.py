@@ -75,6 +75,12 @@ class LoopConfig:
             raise ConfigError(f"reference = {self.reference!r}. Fix: use `initial` or `previous`.")
         if self.init == "base" and self.reference == "previous":
             raise ConfigError("init: base with reference: previous is not supported. Fix: use init: previous.")
+        if self.train.get("lora", True) is False and self.init == "previous" and self.reference == "initial":
+            # Full fine-tuning references a frozen copy of the model it starts from, i.e. the previous policy.
+            raise ConfigError(
+                "train.lora: false with init: previous gives reference: previous (TRL copies the starting model). "
+                "Fix: set reference: previous, or keep LoRA (whose reference is the base with the adapter off)."
+            )
         if self.rounds < 0:
             raise ConfigError("rounds must be >= 0.")
         # Fail on a bad stage key now, not three rounds in.
@@ -202,12 +208,12 @@ def _phase(manifest: Manifest, k: int, name: str, fn) -> None:
     manifest.done(k, name, started, output, summary)
 
 
-def _evaluate(config: LoopConfig, manifest: Manifest, k: int, adapter: str | None, round_dir: Path) -> None:
+def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: dict[str, Any], round_dir: Path) -> None:
     if not config.eval_prompts:
         return
 
     def phase():
-        settings = {**config.gen, **config.eval, "adapter": adapter, "prompts": config.eval_prompts,
+        settings = {**config.gen, **config.eval, **policy, "prompts": config.eval_prompts,
                     "out": str(round_dir / "eval_candidates.jsonl"), "seed": config.seed}
         gen_cfg = config.stage_config("generate", k, settings)
         candidates = generate(gen_cfg)
@@ -225,8 +231,8 @@ def _draw_phase(config: LoopConfig, pool: list[dict[str, Any]], k: int, d: Path)
     return d / "prompts.jsonl", {"prompts": len(chosen)}
 
 
-def _generate_phase(config: LoopConfig, k: int, adapter: str | None):
-    out = generate(config.stage_config("generate", k, {**config.gen, "adapter": adapter}))
+def _generate_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
+    out = generate(config.stage_config("generate", k, {**config.gen, **policy}))
     summary = read_summary(out)
     if summary.get("status") != "done":
         raise RuntimeError(f"round {k}: generate ended {summary.get('status')}: {summary}")
@@ -248,28 +254,33 @@ def _pairs_phase(config: LoopConfig, k: int, d: Path):
     return out, summary
 
 
-def _train_phase(config: LoopConfig, k: int, d: Path, adapter: str | None):
+def _train_phase(config: LoopConfig, k: int, d: Path, policy: dict[str, Any]):
     from prefloop.train.dpo import run as train
 
     pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else "pairs.jsonl")
-    init_adapter = adapter if config.init == "previous" else None
-    out = Path(train(config.stage_config("train", k, {"pairs": str(pairs_file), "adapter": init_adapter})))
+    # LoRA: the base stays `config.model` and the policy is its adapter. Full fine-tuning: the policy is a model.
+    start = policy if config.init == "previous" else {"model": config.model, "adapter": None}
+    out = Path(train(config.stage_config("train", k, {"pairs": str(pairs_file), **start})))
     summary_path = out / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return None, summary  # a directory: no single-file checksum
 
 
-def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k: int, adapter: str | None) -> str:
-    """Run (or resume) round k, whose policy is base + `adapter`; return the adapter it trains."""
+def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k: int,
+           policy: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume) round k, sampling from `policy` ({model, adapter}); return the policy it trains."""
     d = Path(config.out) / f"round_{k:03d}"
-    manifest.round(k, {"model": config.model, "adapter": adapter})
+    manifest.round(k, policy)
     _phase(manifest, k, "prompts", lambda: _draw_phase(config, pool, k, d))
-    _phase(manifest, k, "generate", lambda: _generate_phase(config, k, adapter))
+    _phase(manifest, k, "generate", lambda: _generate_phase(config, k, policy))
     _phase(manifest, k, "judge", lambda: _judge_phase(config, k))
     _phase(manifest, k, "pairs", lambda: _pairs_phase(config, k, d))
-    _phase(manifest, k, "train", lambda: _train_phase(config, k, d, adapter))
-    trained = str(d / "train" / "adapter")
-    manifest.data["rounds"][k]["trained_adapter"] = trained
+    _phase(manifest, k, "train", lambda: _train_phase(config, k, d, policy))
+    if config.train.get("lora", True):
+        trained = {"model": config.model, "adapter": str(d / "train" / "adapter")}
+    else:
+        trained = {"model": str(d / "train" / "model"), "adapter": None}
+    manifest.data["rounds"][k]["trained_policy"] = trained
     _evaluate(config, manifest, k, trained, d)
     return trained
 
@@ -286,12 +297,12 @@ def run(config: LoopConfig) -> Path:
     manifest = Manifest(config)
     manifest.data["status"] = "running"
 
-    manifest.round(0, {"model": config.model, "adapter": None})
-    _evaluate(config, manifest, 0, None, root / "round_000")
+    policy: dict[str, Any] = {"model": config.model, "adapter": None}
+    manifest.round(0, policy)
+    _evaluate(config, manifest, 0, policy, root / "round_000")
     write_report(root)
-    adapter: str | None = None
     for k in range(1, config.rounds + 1):
-        adapter = _round(config, manifest, pool, k, adapter)
+        policy = _round(config, manifest, pool, k, policy)
         manifest.save()
         write_report(root)
 
