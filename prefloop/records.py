@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -32,17 +32,12 @@ class Completion(TypedDict):
 class LoadedPrompts:
     records: list[dict[str, Any]]
     duplicates: int = 0
-    sources: dict[str, int] = field(default_factory=dict)
 
 
 def prompt_id(prompt: Prompt) -> str:
     """Content id: `sha256(canonical JSON of the prompt)[:16]` (DESIGN.md), stable across runs and machines."""
     canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-
-
-def is_conversational(prompt: Prompt) -> bool:
-    return isinstance(prompt, list)
 
 
 def _check_prompt(prompt: Any, where: str, field_name: str) -> None:

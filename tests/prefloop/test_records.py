@@ -145,7 +145,7 @@ def _expected(rows=ROWS):
 
 
 def test_jsonl_with_blank_lines(tmp_path):
-    """JSONL rows load in order; blank lines are skipped; `sources` is not required for plain loads."""
+    """JSONL rows load in order; blank lines are skipped."""
     path = tmp_path / "p.jsonl"
     path.write_text("\n" + json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
     assert load_prompts(path).records == _expected()
