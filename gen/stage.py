@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefloop.config import ConfigError, field
-from prefloop.gen import Sampling, load_generator
+from prefloop.gen import BACKENDS, GenerationAborted, Sampling, load_generator, resolve_backend
 from prefloop.progress import Progress
 from prefloop.records import load_prompts
 from prefloop.runstate import StageRun
@@ -31,12 +31,14 @@ class GenerateConfig:
     prompts: str = field(help="Prompts file: JSONL, JSON array, parquet, csv, or a local HF dataset directory.")
     out: str = field(help="Candidates JSONL to write (appended to on resume).", hash=False)
     adapter: str | None = field(None, help="PEFT LoRA adapter directory applied on top of --model.")
-    backend: str = field("hf", help="Generation backend: hf.")
+    backend: str = field("hf", help="Generation backend: hf, vllm, openai, or auto (vllm if it imports, else hf).")
     n: int = field(4, help="Completions sampled per prompt.")
     max_new_tokens: int = field(64, help="Maximum new tokens per completion.")
     temperature: float = field(1.0, help="Sampling temperature; 0 means greedy.")
     top_p: float = field(1.0, help="Nucleus sampling mass.")
     seed: int = field(0, help="Base seed; each chunk's seed derives from it and the chunk's first id.")
+    stop: list[str] = field([], help="Stop strings (comma-separated on the command line); not part of the output.")
+    logprobs: bool = field(False, help="Record each generated token's log-prob in the completion's `logprobs`.")
     shard: str | None = field(None, help="Take only prompts with hash(id) % n == i, written as 'i/n'.")
     prompt_field: str = field("prompt", help="Column holding the prompt (text or messages).")
     id_field: str = field("id", help="Column holding the id (derived from content when absent).")
@@ -44,7 +46,30 @@ class GenerateConfig:
     round: int = field(0, help="Loop round recorded in each record.")
     chunk_size: int = field(256, help="Prompts per persisted chunk (a crash loses at most one).", hash=False)
     batch_size: int = field(64, help="Sequences (prompts x n) per forward batch.", hash=False)
-    dtype: str = field("auto", help="Model dtype: auto, float32, bfloat16, float16.", hash=False)
+    dtype: str = field("auto", help="hf/vllm: model dtype: auto, float32, bfloat16, float16.", hash=False)
+    # vllm
+    tensor_parallel_size: int = field(1, help="vllm: GPUs to shard the model over.", hash=False)
+    max_lora_rank: int | None = field(
+        None, help="vllm: build the engine with LoRA support up to this rank, so later adapters need no reload.",
+        hash=False,
+    )
+    engine_kwargs: dict = field(
+        {}, help="vllm: extra `vllm.LLM(...)` arguments, e.g. {max_model_len: 4096, gpu_memory_utilization: 0.8}.",
+        hash=False,
+    )
+    # openai
+    base_url: str | None = field(None, help="openai: server URL, e.g. http://127.0.0.1:8000/v1.", hash=False)
+    api_key_env: str = field(
+        "OPENAI_API_KEY", help="openai: environment variable holding the API key (never written anywhere).",
+        hash=False,
+    )
+    endpoint: str = field("auto", help="openai: chat, completions, or auto (chat for messages).", hash=False)
+    concurrency: int = field(16, help="openai: requests in flight at once.", hash=False)
+    request_timeout: float = field(600.0, help="openai: seconds before one request is abandoned.", hash=False)
+    max_retries: int = field(6, help="openai: retries per request on connection errors, 408/409/429/5xx.",
+                             hash=False)
+    ready_timeout: float = field(300.0, help="openai: seconds to wait for the server to answer /models.",
+                                 hash=False)
     max_failed_fraction: float = field(
         0.1, help="Stop the stage when more than this fraction of prompts fail, instead of a thin dataset."
     )
@@ -57,6 +82,10 @@ class GenerateConfig:
             raise ConfigError("temperature must be >= 0 (0 means greedy).")
         if self.chunk_size < 1 or self.batch_size < 1:
             raise ConfigError("chunk_size and batch_size must be >= 1.")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend = {self.backend!r}. Fix: use one of {', '.join(BACKENDS)}.")
+        if self.endpoint not in ("auto", "chat", "completions"):
+            raise ConfigError(f"endpoint = {self.endpoint!r}. Fix: use auto, chat or completions.")
         try:
             parse_shard(self.shard)  # fails early on a malformed spec
         except ValueError as e:
@@ -64,7 +93,20 @@ class GenerateConfig:
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed, list(self.stop), self.logprobs)
+
+    def backend_options(self, backend: str) -> dict:
+        """The keyword arguments `load_generator` takes for the (resolved) backend."""
+        if backend == "hf":
+            return {"batch_size": self.batch_size, "dtype": self.dtype}
+        if backend == "vllm":
+            return {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
+                    "max_lora_rank": self.max_lora_rank, "engine_kwargs": dict(self.engine_kwargs)}
+        if self.base_url is None:
+            raise ConfigError("backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1).")
+        return {"base_url": self.base_url, "api_key_env": self.api_key_env, "endpoint": self.endpoint,
+                "concurrency": self.concurrency, "timeout": self.request_timeout, "max_retries": self.max_retries,
+                "ready_timeout": self.ready_timeout}
 
 
 def chunk_seed(seed: int, first_id: str) -> int:
@@ -96,23 +138,33 @@ def run(config: GenerateConfig) -> Path:
         generator = None
         try:
             if todo:
-                options = {"batch_size": config.batch_size, "dtype": config.dtype} if config.backend == "hf" else {}
-                generator = load_generator(config.backend, config.model, config.adapter, **options)
+                backend = resolve_backend(config.backend)
+                options = config.backend_options(backend)
+                generator = load_generator(backend, config.model, config.adapter, **options)
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
                 sampling = config.sampling
                 sampling.seed = chunk_seed(config.seed, chunk[0]["id"])
-                results = generator.generate([p["prompt"] for p in chunk], config.n, sampling)
+                aborted = None
+                try:
+                    results = generator.generate([p["prompt"] for p in chunk], config.n, sampling)
+                except GenerationAborted as e:  # keep what finished, then fail the stage
+                    aborted, results = e, e.partial
                 tokens = 0
                 for prompt, completions in zip(chunk, results, strict=True):
                     if completions is None:
                         failed_ids.append(prompt["id"])
                         continue
-                    tokens += sum(c["num_tokens"] for c in completions)
+                    tokens += sum(c["num_tokens"] or 0 for c in completions)
                     store.append(_candidate(prompt, completions, generator.name, config, state.hash))
                 store.commit()
                 n_failed = sum(r is None for r in results)
                 progress.update(done=len(chunk) - n_failed, failed=n_failed, tokens=tokens)
+                if aborted is not None:
+                    raise RuntimeError(
+                        f"generate stopped: {aborted}. The {len(store.done)} prompts finished so far are kept in "
+                        f"{out}; re-run the same command to resume."
+                    ) from aborted
                 if len(failed_ids) > config.max_failed_fraction * len(prompts):
                     raise RuntimeError(
                         f"generate: {len(failed_ids)} of {len(prompts)} prompts failed, over the ceiling "

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from prefloop.store import InputError, iter_records
 
@@ -25,7 +25,8 @@ RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "trainer_state")
 class Completion(TypedDict):
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
-    num_tokens: int
+    num_tokens: int | None  # tokens generated, EOS included; None only when a server does not say
+    logprobs: NotRequired[list[float]]  # per generated token, the model's raw log-prob (when asked for)
 
 
 @dataclass

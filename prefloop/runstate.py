@@ -11,6 +11,7 @@ ends. For a directory output (a trained model) the same files live inside it as 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +46,16 @@ def sidecar(out: str | Path, name: str, directory: bool = False) -> Path:
     return out.with_name(f"{out.stem}.{name}")
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 @dataclass
 class StageRun:
     """The bookkeeping of one stage writing `out` with `config` (a stage dataclass)."""
@@ -71,7 +82,9 @@ class StageRun:
         if self.config_path.exists():
             old = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
             new = hashed_dict(self.config)
-            old_hashed = {k: old.get(k) for k in new}
+            # A key the old config lacks is a setting added by a newer prefloop: it ran with that setting's default.
+            defaults = _defaults(type(self.config))
+            old_hashed = {k: old[k] if k in old else defaults.get(k) for k in new}
             keys = changed_keys(old_hashed, new)  # by value: 0 and 0.0 are the same temperature
             if keys:
                 raise ConfigDriftError(

@@ -114,6 +114,21 @@ def test_same_values_different_number_types_are_not_drift(tmp_path):
     assert _run(dataclasses.replace(cfg, temperature=0.0, top_p=1.0))[1] == "resume"
 
 
+def test_setting_added_by_a_newer_version_resumes_at_its_default(tmp_path):
+    """A config.yaml written before a setting existed resumes when the setting is at its default, and is refused
+    (naming it) when it is not: the old run used the default."""
+    cfg = _cfg(tmp_path)
+    _run(cfg)
+    Path(cfg.out).write_text('{"id": "a"}\n')
+    config_yaml = sidecar(cfg.out, "config.yaml")
+    old = load_yaml(config_yaml)
+    del old["stop"], old["logprobs"]
+    config_yaml.write_text(json.dumps(old))  # JSON is YAML
+    assert _run(cfg)[1] == "resume"
+    with pytest.raises(ConfigDriftError, match=r"changed: logprobs\)"):
+        _run(dataclasses.replace(cfg, logprobs=True))
+
+
 def test_output_without_config_is_refused(tmp_path):
     """An existing non-empty output with no config sidecar is refused (cannot tell how it was made)."""
     cfg = _cfg(tmp_path)
