@@ -51,6 +51,37 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
+def encode_prompt(tokenizer, prompt: Prompt, name: str = "model") -> list[int]:
+    """Token ids of one prompt, the same way in every local backend (so hf and vllm see identical inputs).
+
+    A plain string is tokenized as is, with the tokenizer's default special tokens (e.g. BOS). A message list goes
+    through the chat template with the generation prompt; the template writes its own special tokens.
+    """
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"{name}: message prompts need a chat template, and this tokenizer has none. "
+            "Fix: use plain-string prompts, or a model whose tokenizer defines `chat_template`."
+        )
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_context(lengths: list[int], max_new_tokens: int, context: int | None) -> None:
+    """Refuse the whole call before any work when a prompt cannot fit with `max_new_tokens` in the context."""
+    if not context:
+        return
+    limit = context - max_new_tokens
+    for i, length in enumerate(lengths):
+        if length > limit:
+            raise ValueError(
+                f"prompt {i} has {length} tokens, but with max_new_tokens={max_new_tokens} and a context of "
+                f"{context} tokens at most {max(limit, 0)} fit. Fix: shorten or drop the prompt, or lower "
+                "max_new_tokens."
+            )
+
+
 BACKENDS = ("hf", "vllm", "openai", "auto")
 
 

@@ -1,6 +1,6 @@
 """Generation with plain transformers (`model.generate`) on CPU or GPU, optionally with a PEFT adapter on top.
 
-    from prefloop.gen import Sampling
+    from prefloop.gen import Sampling, check_context, encode_prompt
     from prefloop.gen.hf import HFGenerator
 
     gen = HFGenerator("path/to/model", adapter="runs/r1/adapter")          # dtype/device auto-detected
@@ -27,10 +27,11 @@ import logging
 import torch
 
 from prefloop.device import resolve_device, resolve_dtype
-from prefloop.gen import Sampling
+from prefloop.gen import Sampling, check_context, encode_prompt
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
+
 
 class HFGenerator:
     """The `Generator` protocol on `transformers`. `batch_size` counts sequences (prompts x n) per `generate` call."""
@@ -88,16 +89,7 @@ class HFGenerator:
         self.tokens_generated = 0
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
-        if not self.tokenizer.chat_template:
-            raise ValueError(
-                f"{self.name}: message prompts need a chat template, and this tokenizer has none. "
-                "Fix: use plain-string prompts, or a model whose tokenizer defines `chat_template`."
-            )
-        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        # The template already writes BOS and other special tokens; adding them again would double the BOS.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, self.name)
 
     def _batches(self, lengths: list[int], n: int, max_new_tokens: int) -> list[list[int]]:
         """Prompt indices grouped into batches, longest first (an out-of-memory then shows up in the first batch)."""
@@ -146,15 +138,7 @@ class HFGenerator:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
         encoded = [self._encode(p) for p in prompts]
-        if self.max_context:
-            limit = self.max_context - sampling.max_new_tokens
-            for i, ids in enumerate(encoded):
-                if len(ids) > limit:
-                    raise ValueError(
-                        f"prompt {i} has {len(ids)} tokens, but with max_new_tokens={sampling.max_new_tokens} and a "
-                        f"context of {self.max_context} tokens at most {max(limit, 0)} fit. "
-                        "Fix: shorten or drop the prompt, or lower max_new_tokens."
-                    )
+        check_context([len(e) for e in encoded], sampling.max_new_tokens, self.max_context)
         greedy = sampling.temperature <= 0
         # Greedy decoding is deterministic, so the n completions are identical: decode once and copy (transformers
         # refuses num_return_sequences > 1 without sampling anyway).
@@ -168,6 +152,8 @@ class HFGenerator:
         )
         if not greedy:
             options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=self._top_k)
+        if sampling.logprobs:  # raw logits (before temperature/top-p), as vLLM's default `raw_logprobs`
+            options.update(output_logits=True, return_dict_in_generate=True)
         if sampling.stop:  # lets generate end a row early; the cut itself is made in `_completion`
             options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         # One seed per call: the stage passes a seed per chunk, so a chunk regenerated on resume is the same sample.
@@ -187,9 +173,17 @@ class HFGenerator:
                 out = self.model.generate(
                     input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **options
                 )
-            new_tokens = out[:, width:].tolist()  # rows are prompt-major: p0 x k, p1 x k, ...
+                sequences = out.sequences if sampling.logprobs else out
+                new = sequences[:, width:]
+                token_logprobs = _token_logprobs(out.logits, new).tolist() if sampling.logprobs else None
+            new_tokens = new.tolist()  # rows are prompt-major: p0 x k, p1 x k, ...
             for row, i in enumerate(batch):
-                done = [self._completion(new_tokens[row * per_prompt + k], sampling.stop) for k in range(per_prompt)]
+                done = []
+                for k in range(per_prompt):
+                    completion = self._completion(new_tokens[row * per_prompt + k], sampling.stop)
+                    if token_logprobs is not None:
+                        completion["logprobs"] = token_logprobs[row * per_prompt + k][: completion["num_tokens"]]
+                    done.append(completion)
                 self.tokens_generated += sum(c["num_tokens"] for c in done)
                 results[i] = done if not greedy else [dict(done[0]) for _ in range(n)]
         return results
@@ -200,3 +194,9 @@ class HFGenerator:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _token_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under the model's raw distribution at each step: [rows, steps] from per-step [rows, vocab]."""
+    steps = torch.stack(logits, dim=1).float().log_softmax(-1)  # [rows, steps, vocab]
+    return steps.gather(-1, tokens[:, : steps.shape[1], None]).squeeze(-1)

@@ -189,3 +189,25 @@ def test_missing_pad_token_falls_back_to_eos(tiny_model: Path, tmp_path: Path, c
         g = make_gen(tmp_path / "m")
     assert "no pad token" in caplog.text and g.tokenizer.pad_token == g.tokenizer.eos_token
     assert texts(g.generate(PROMPTS, n=1, sampling=GREEDY)) == texts(make_gen(tiny_model).generate(PROMPTS, 1, GREEDY))
+
+
+def test_logprobs_are_the_models_own(gen: HFGenerator):
+    """`logprobs` holds, per generated token, log p(token | prefix) under the raw model -- a teacher-forced forward
+    pass over the greedy tokens recomputes them -- one per counted token; asking for them changes no text."""
+    prompts = ["12+34=", [{"role": "user", "content": "Hi"}]]
+    out = gen.generate(prompts, n=2, sampling=Sampling(max_new_tokens=6, temperature=0.0, logprobs=True))
+    for prompt, completions in zip(prompts, out, strict=True):
+        prefix = torch.tensor([gen._encode(prompt)])
+        with torch.inference_mode():
+            ids = gen.model.generate(prefix, max_new_tokens=6, do_sample=False, eos_token_id=gen.eos_ids)
+            logits = gen.model(ids).logits[0, prefix.shape[1] - 1 : -1].log_softmax(-1)
+        new = ids[0, prefix.shape[1] :]
+        expected = logits.gather(-1, new[:, None]).squeeze(-1)[: completions[0]["num_tokens"]]
+        for c in completions:
+            assert len(c["logprobs"]) == c["num_tokens"]
+            torch.testing.assert_close(torch.tensor(c["logprobs"]), expected, atol=1e-4, rtol=1e-4)
+    sampled = Sampling(max_new_tokens=6, temperature=0.7, seed=3)
+    plain = gen.generate(prompts, n=2, sampling=sampled)
+    with_lp = gen.generate(prompts, n=2, sampling=Sampling(**{**sampled.__dict__, "logprobs": True}))
+    assert texts(plain) == texts(with_lp) and "logprobs" not in plain[0][0]
+    assert all(len(c["logprobs"]) == c["num_tokens"] and max(c["logprobs"]) <= 0 for cs in with_lp for c in cs)
