@@ -180,8 +180,10 @@ class HFGenerator:
             for row, i in enumerate(batch):
                 done = []
                 for k in range(per_prompt):
-                    completion = self._completion(new_tokens[row * per_prompt + k], sampling.stop)
+                    tokens = new_tokens[row * per_prompt + k]
+                    completion = self._completion(tokens, sampling.stop)
                     if token_logprobs is not None:
+                        completion["token_ids"] = tokens[: completion["num_tokens"]]
                         completion["logprobs"] = token_logprobs[row * per_prompt + k][: completion["num_tokens"]]
                     done.append(completion)
                 self.tokens_generated += sum(c["num_tokens"] for c in done)

@@ -27,6 +27,7 @@ class Completion(TypedDict):
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
     num_tokens: int | None  # tokens generated, EOS included; None only when a server does not say
     logprobs: NotRequired[list[float]]  # per generated token, the model's raw log-prob (when asked for)
+    token_ids: NotRequired[list[int]]  # the generated token ids, beside `logprobs` (local backends only)
 
 
 @dataclass

@@ -204,7 +204,7 @@ def test_logprobs_are_the_models_own(gen: HFGenerator):
         new = ids[0, prefix.shape[1] :]
         expected = logits.gather(-1, new[:, None]).squeeze(-1)[: completions[0]["num_tokens"]]
         for c in completions:
-            assert len(c["logprobs"]) == c["num_tokens"]
+            assert len(c["logprobs"]) == c["num_tokens"] and c["token_ids"] == new[: c["num_tokens"]].tolist()
             torch.testing.assert_close(torch.tensor(c["logprobs"]), expected, atol=1e-4, rtol=1e-4)
     sampled = Sampling(max_new_tokens=6, temperature=0.7, seed=3)
     plain = gen.generate(prompts, n=2, sampling=sampled)
