@@ -86,8 +86,12 @@ def timed(make, prompts: list[str], n: int, sampling) -> tuple[float, int, float
     try:
         gen.generate(prompts[:2], 1, Sampling(max_new_tokens=4, temperature=0.0))  # warm-up, untimed
         start = time.perf_counter()
+        decoded = getattr(gen, "tokens_generated", 0)
         results = gen.generate(prompts, n, sampling)
-        return time.perf_counter() - start, count_tokens(results), startup
+        seconds, tokens = time.perf_counter() - start, count_tokens(results)
+        if any(c["num_tokens"] is None for cs in results if cs for c in cs):  # openai, n > 1: usage totals only
+            tokens = gen.tokens_generated - decoded
+        return seconds, tokens, startup
     finally:
         gen.close()
 

@@ -146,30 +146,37 @@ def run(config: GenerateConfig) -> Path:
                 sampling = config.sampling
                 sampling.seed = chunk_seed(config.seed, chunk[0]["id"])
                 aborted = None
+                decoded_before = getattr(generator, "tokens_generated", None)
                 try:
                     results = generator.generate([p["prompt"] for p in chunk], config.n, sampling)
                 except GenerationAborted as e:  # keep what finished, then fail the stage
                     aborted, results = e, e.partial
-                tokens = 0
+                tokens, unknown = 0, False
                 for prompt, completions in zip(chunk, results, strict=True):
                     if completions is None:
                         failed_ids.append(prompt["id"])
                         continue
                     tokens += sum(c["num_tokens"] or 0 for c in completions)
+                    unknown |= any(c["num_tokens"] is None for c in completions)
                     store.append(_candidate(prompt, completions, generator.name, config, state.hash))
+                if unknown and decoded_before is not None:
+                    # openai with n > 1: a reply's usage counts all its choices together, not each one
+                    tokens = generator.tokens_generated - decoded_before
                 store.commit()
                 n_failed = sum(r is None for r in results)
                 progress.update(done=len(chunk) - n_failed, failed=n_failed, tokens=tokens)
                 if aborted is not None:
-                    raise RuntimeError(
+                    raise GenerationAborted(
                         f"generate stopped: {aborted}. The {len(store.done)} prompts finished so far are kept in "
-                        f"{out}; re-run the same command to resume."
+                        f"{out}; re-run the same command to resume.",
+                        aborted.partial,
                     ) from aborted
                 if len(failed_ids) > config.max_failed_fraction * len(prompts):
-                    raise RuntimeError(
+                    raise GenerationAborted(
                         f"generate: {len(failed_ids)} of {len(prompts)} prompts failed, over the ceiling "
                         f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in {out}; "
-                        "fix the cause and re-run the same command to resume."
+                        "fix the cause and re-run the same command to resume.",
+                        results,
                     )
         finally:
             progress.close()

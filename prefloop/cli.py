@@ -76,12 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # The openai SDK's HTTP client logs every request at INFO: one line per completion request.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from prefloop.gen import GenerationAborted
     from prefloop.runstate import ConfigDriftError
     from prefloop.store import InputError
 
     try:
         result = _dispatch(args)
-    except (InputError, ConfigError, ConfigDriftError, FileNotFoundError) as e:
+    except (InputError, ConfigError, ConfigDriftError, FileNotFoundError, GenerationAborted, PermissionError,
+            TimeoutError) as e:
         print(f"prefloop {args.command}: error: {e}", file=sys.stderr)
         return 2
     if result is not None:
