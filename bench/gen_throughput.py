@@ -106,7 +106,8 @@ def start_vllm_server(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "--no-enable-chunked-prefill"]  # seeded requests + chunked prefill crash vllm-cpu 0.32
     log = open(log_path, "wb")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}/v1"

