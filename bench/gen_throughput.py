@@ -35,6 +35,8 @@ from pathlib import Path
 
 from prefloop.gen import Sampling
 
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable
+
 SIZES = {  # TinyConfig fields
     "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4},
     "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8},
@@ -104,7 +106,7 @@ def free_port() -> int:
 
 def start_vllm_server(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # as the vllm row
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
                "--no-enable-chunked-prefill"]  # seeded requests + chunked prefill crash vllm-cpu 0.32
