@@ -119,6 +119,17 @@ def check_logprobs(out, prompts, model, tokenizer) -> int:
     return checked
 
 
+def greedy_served_and_local(url: str, model_dir: Path, n: int) -> tuple[list, list]:
+    """Greedy completions of PROMPTS from the server and from the hf backend on the same weights."""
+    sampling = Sampling(max_new_tokens=12, temperature=0.0)
+    gen = OpenAIGenerator(str(model_dir), base_url=url)
+    try:
+        served = gen.generate(PROMPTS, n=n, sampling=sampling)
+    finally:
+        gen.close()
+    return served, HFGenerator(str(model_dir), dtype="float32", device="cpu").generate(PROMPTS, n, sampling)
+
+
 # -- vLLM's OpenAI server ---------------------------------------------------------------------------------------
 
 
@@ -189,13 +200,8 @@ def test_vllm_seeds_are_reproducible_and_counts_agree(vllm_url, tiny_model):
 @pytest.mark.slow
 def test_vllm_greedy_matches_the_hf_backend(vllm_url, tiny_model):
     """temperature 0 over HTTP gives the hf backend's greedy text, for raw and chat prompts alike."""
-    sampling = Sampling(max_new_tokens=12, temperature=0.0)
-    gen = OpenAIGenerator(str(tiny_model), base_url=vllm_url)
-    served_out = gen.generate(PROMPTS, n=2, sampling=sampling)
-    gen.close()
-    local = HFGenerator(str(tiny_model), dtype="float32", device="cpu")
-    assert [[c["text"] for c in cs] for cs in served_out] == [[c["text"] for c in cs]
-                                                              for cs in local.generate(PROMPTS, 2, sampling)]
+    served, local = greedy_served_and_local(vllm_url, tiny_model, n=2)
+    assert [[c["text"] for c in cs] for cs in served] == [[c["text"] for c in cs] for cs in local]
 
 
 @pytest.mark.slow
@@ -322,14 +328,9 @@ def test_transformers_serve_ignores_n_and_is_topped_up(tserve_url, sampling_mode
 
 
 def test_transformers_serve_greedy_matches_the_hf_backend(tserve_url, sampling_model):
-    """temperature 0 turns sampling off server-side: the hf backend's greedy text, raw and chat."""
-    sampling = Sampling(max_new_tokens=12, temperature=0.0)
-    gen = OpenAIGenerator(str(sampling_model), base_url=tserve_url)
-    served_out = gen.generate(PROMPTS, n=1, sampling=sampling)
-    gen.close()
-    local = HFGenerator(str(sampling_model), dtype="float32", device="cpu")
-    assert served_out == [[{k: v for k, v in c.items() if k != "token_ids"} for c in cs]
-                          for cs in local.generate(PROMPTS, 1, sampling)]
+    """temperature 0 turns sampling off server-side: the hf backend's greedy completions, raw and chat."""
+    served, local = greedy_served_and_local(tserve_url, sampling_model, n=1)
+    assert served == local
 
 
 def test_transformers_serve_logprobs_refused_clearly(tserve_url, sampling_model):
