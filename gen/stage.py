@@ -1,11 +1,15 @@
 """The generate stage: prompts in, one candidates record per prompt out.
 
     prefloop generate --model M --prompts prompts.jsonl --out candidates.jsonl --n 8 --backend hf
+    prefloop generate --model M ... --backend vllm --engine-kwargs '{max_model_len: 4096}'
+    prefloop generate --model M ... --backend openai --base-url http://127.0.0.1:8000/v1 --concurrency 32
 
 Failure semantics: prompts are validated whole before any model loads. Work proceeds in chunks of `chunk_size`
-prompts; each chunk's records are written and fsynced before the next chunk starts, so a crash loses at most the
-chunk in flight. Re-running the same command resumes: ids already on disk are skipped and their records kept
-byte-for-byte. A prompt the backend reports as failed is not written (so a re-run retries it) and is counted.
+prompts (one backend call each); each chunk's records are written and fsynced before the next chunk starts, so a
+crash loses at most the chunk in flight. Re-running the same command resumes: ids already on disk are skipped and
+their records kept byte-for-byte. A prompt the backend reports as failed is not written (so a re-run retries it)
+and is counted; more than `max_failed_fraction` failed stops the stage. A fatal backend error (`GenerationAborted`,
+e.g. an exhausted API quota) writes the prompts that finished in its chunk, then stops the stage.
 """
 
 from __future__ import annotations

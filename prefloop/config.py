@@ -164,8 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(base) is dict or base is dict:
-            parser.add_argument(*names, dest=f.name, type=json.loads, default=argparse.SUPPRESS,
-                                help=help_text + " (JSON)")
+            parser.add_argument(*names, dest=f.name, type=_mapping, default=argparse.SUPPRESS,
+                                help=help_text + " (a YAML/JSON mapping)")
         else:
             parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=help_text)
 
@@ -181,3 +181,11 @@ def from_args(cls: type[T], args: argparse.Namespace, overrides: dict[str, Any] 
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return from_dict(cls, values, source)
+
+
+def _mapping(text: str) -> dict[str, Any]:
+    """A flag's YAML (or JSON) mapping, e.g. `--engine-kwargs '{max_model_len: 4096}'`."""
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{key: value}}', got {text!r}")
+    return value

@@ -167,6 +167,15 @@ def test_flags_alone_and_underscore_aliases():
     assert cfg == Demo(model="m", loss_type=["a", "b"], steps=4, extra={"k": 2}, chat=True)
 
 
+def test_mapping_flag_takes_yaml_or_json_and_refuses_the_rest(capsys):
+    """A dict field's flag parses a YAML mapping (JSON is YAML too); anything else is a usage error naming it."""
+    assert from_args(Demo, _parser().parse_args(["--model", "m", "--extra", "{k: 2, s: x}"])).extra == {"k": 2, "s": "x"}
+    assert from_args(Demo, _parser().parse_args(["--model", "m", "--extra", '{"k": [1]}'])).extra == {"k": [1]}
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--model", "m", "--extra", "[1, 2]"])
+    assert "--extra" in capsys.readouterr().err
+
+
 def test_flag_defaults_do_not_override_yaml(tmp_path):
     """An argparse default never overrides YAML: only flags the user typed do (defaults are suppressed)."""
     path = tmp_path / "recipe.yaml"
