@@ -7,6 +7,8 @@ heavy dependencies lazily, so `import prefloop.gen` stays cheap.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +27,10 @@ class Sampling:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False  # record each generated token's log-prob (raw model distribution) in `logprobs`
+    # > 0: also record, per generated token, its text (`tokens`) and the `top_logprobs` most likely alternatives
+    # ({token text: log-prob}). Judges read verdict probabilities from these; a server that does not return them
+    # simply leaves the fields out (the judge then falls back to the verdict's text).
+    top_logprobs: int = 0
 
 
 class GenerationAborted(RuntimeError):
@@ -80,6 +86,15 @@ def check_context(lengths: list[int], max_new_tokens: int, context: int | None) 
                 f"{context} tokens at most {max(limit, 0)} fit. Fix: shorten or drop the prompt, or lower "
                 "max_new_tokens."
             )
+
+
+def merge_alternatives(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """`{token text: log-prob}` from (text, log-prob) pairs; two tokens with the same text add their probabilities
+    (e.g. byte-level duplicates, or an id outside the vocabulary decoded to "")."""
+    out: dict[str, float] = {}
+    for text, lp in pairs:
+        out[text] = lp if text not in out else max(out[text], lp) + math.log1p(math.exp(-abs(out[text] - lp)))
+    return out
 
 
 BACKENDS = ("hf", "vllm", "openai", "auto")

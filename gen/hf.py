@@ -1,6 +1,6 @@
 """Generation with plain transformers (`model.generate`) on CPU or GPU, optionally with a PEFT adapter on top.
 
-    from prefloop.gen import Sampling, check_context, encode_prompt
+    from prefloop.gen import Sampling
     from prefloop.gen.hf import HFGenerator
 
     gen = HFGenerator("path/to/model", adapter="runs/r1/adapter")          # dtype/device auto-detected
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from prefloop.device import resolve_device, resolve_dtype
-from prefloop.gen import Sampling, check_context, encode_prompt
+from prefloop.gen import Sampling, check_context, encode_prompt, merge_alternatives
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -152,8 +154,7 @@ class HFGenerator:
         )
         if not greedy:
             options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=self._top_k)
-        if sampling.logprobs:  # raw logits (before temperature/top-p), as vLLM's default `raw_logprobs`
-            options.update(output_logits=True, return_dict_in_generate=True)
+        capture = _Capture(sampling.top_logprobs) if sampling.logprobs or sampling.top_logprobs else None
         if sampling.stop:  # lets generate end a row early; the cut itself is made in `_completion`
             options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         # One seed per call: the stage passes a seed per chunk, so a chunk regenerated on resume is the same sample.
@@ -169,26 +170,44 @@ class HFGenerator:
                 ids = encoded[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids) :] = 1
+            if capture is not None:
+                capture.reset()
+                options["logits_processor"] = LogitsProcessorList([capture])
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **options
                 )
-                sequences = out.sequences if sampling.logprobs else out
-                new = sequences[:, width:]
-                token_logprobs = _token_logprobs(out.logits, new).tolist() if sampling.logprobs else None
+                new = out[:, width:]
+                steps = capture.finish(new) if capture is not None else None
             new_tokens = new.tolist()  # rows are prompt-major: p0 x k, p1 x k, ...
             for row, i in enumerate(batch):
                 done = []
                 for k in range(per_prompt):
                     tokens = new_tokens[row * per_prompt + k]
                     completion = self._completion(tokens, sampling.stop)
-                    if token_logprobs is not None:
-                        completion["token_ids"] = tokens[: completion["num_tokens"]]
-                        completion["logprobs"] = token_logprobs[row * per_prompt + k][: completion["num_tokens"]]
+                    if steps is not None:
+                        self._add_logprobs(completion, tokens, steps, row * per_prompt + k, sampling)
                     done.append(completion)
                 self.tokens_generated += sum(c["num_tokens"] for c in done)
                 results[i] = done if not greedy else [dict(done[0]) for _ in range(n)]
         return results
+
+    def _add_logprobs(self, completion: Completion, tokens: list[int], steps: _Steps, row: int,
+                      sampling: Sampling) -> None:
+        count = completion["num_tokens"]
+        if sampling.logprobs:
+            completion["token_ids"] = tokens[:count]
+            completion["logprobs"] = steps.chosen[row][:count]
+        if sampling.top_logprobs:
+            decode = self._token_text
+            completion["tokens"] = [decode(t) for t in tokens[:count]]
+            completion["top_logprobs"] = [
+                merge_alternatives((decode(t), lp) for t, lp in zip(ids, lps, strict=True))
+                for ids, lps in zip(steps.top_ids[row][:count], steps.top_values[row][:count], strict=True)
+            ]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
     def close(self) -> None:
         """Free the model's memory; the generator cannot be used afterwards."""
@@ -198,7 +217,53 @@ class HFGenerator:
             torch.cuda.empty_cache()
 
 
-def _token_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under the model's raw distribution at each step: [rows, steps] from per-step [rows, vocab]."""
-    steps = torch.stack(logits, dim=1).float().log_softmax(-1)  # [rows, steps, vocab]
-    return steps.gather(-1, tokens[:, : steps.shape[1], None]).squeeze(-1)
+@dataclass
+class _Steps:
+    """Per row and generated step: the chosen token's log-prob, and the top-k alternatives' ids and log-probs."""
+
+    chosen: list[list[float]]
+    top_ids: list[list[list[int]]]
+    top_values: list[list[list[float]]]
+
+
+class _Capture(LogitsProcessor):
+    """Records log-probs while `generate` runs, from the raw logits (before temperature and top-p, which transformers
+    applies after custom processors), as vLLM's default `raw_logprobs`.
+
+    Only the previous step's distribution is kept: with `output_logits=True` transformers would hold every step's
+    [rows, vocab] logits at once, gigabytes for a real vocabulary and a long answer.
+    """
+
+    def __init__(self, top_k: int) -> None:
+        self.top_k = top_k
+        self.reset()
+
+    def reset(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+        self.top: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:  # the token sampled at the previous step is now the last input
+            self.chosen.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        logprobs = scores.float().log_softmax(-1)
+        if self.top_k:
+            values, ids = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
+            self.top.append((values.cpu(), ids.cpu()))
+        self.previous = logprobs
+        return scores
+
+    def finish(self, new: torch.Tensor) -> _Steps:
+        """The recorded steps for the generated tokens `new` [rows, steps]."""
+        if self.previous is not None:
+            self.chosen.append(self.previous.gather(-1, new[:, len(self.chosen) : len(self.chosen) + 1]).squeeze(-1))
+        rows = new.shape[0]
+        chosen = torch.stack(self.chosen, dim=1).tolist() if self.chosen else [[] for _ in range(rows)]
+        if self.top:
+            values = torch.stack([v for v, _ in self.top], dim=1).tolist()
+            ids = torch.stack([i for _, i in self.top], dim=1).tolist()
+        else:
+            values = ids = [[] for _ in range(rows)]
+        self.reset()
+        return _Steps(chosen, ids, values)
+

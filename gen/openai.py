@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 
 import openai
 
-from prefloop.gen import GenerationAborted, Sampling
+from prefloop.gen import GenerationAborted, Sampling, merge_alternatives
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -301,16 +301,18 @@ class OpenAIGenerator:
         if chat:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             options[self._max_param] = sampling.max_new_tokens
-            if sampling.logprobs:
-                options["logprobs"] = True  # the sampled tokens' log-probs, no alternatives
+            if sampling.logprobs or sampling.top_logprobs:
+                options["logprobs"] = True  # the sampled tokens' log-probs
+                if sampling.top_logprobs:
+                    options["top_logprobs"] = sampling.top_logprobs
             reply = await self._client.chat.completions.create(messages=messages, **options)
         else:
-            if sampling.logprobs:
-                options["logprobs"] = 0  # token_logprobs of the sampled tokens, no top alternatives
+            if sampling.logprobs or sampling.top_logprobs:
+                options["logprobs"] = sampling.top_logprobs  # the sampled tokens' log-probs, + top k alternatives
             reply = await self._client.completions.create(prompt=prompt, max_tokens=sampling.max_new_tokens,
                                                           **options)
         try:
-            completions = parse_reply(reply, chat, sampling.logprobs)
+            completions = parse_reply(reply, chat, sampling.logprobs, sampling.top_logprobs)
             usage = getattr(reply, "usage", None)  # exact in total even when per-choice counts are unknown
             tokens = int(getattr(usage, "completion_tokens", None) or sum(c["num_tokens"] or 0 for c in completions))
         except (AttributeError, KeyError, TypeError, ValueError) as e:  # a body that is not a completion
@@ -368,8 +370,12 @@ class OpenAIGenerator:
             self._loop = None
 
 
-def parse_reply(reply: Any, chat: bool, logprobs: bool) -> list[Completion]:
-    """Completions from a (chat) completion reply, in choice order. Raises on a body of the wrong shape."""
+def parse_reply(reply: Any, chat: bool, logprobs: bool, top_logprobs: int = 0) -> list[Completion]:
+    """Completions from a (chat) completion reply, in choice order. Raises on a body of the wrong shape.
+
+    Missing log-probs are fatal only when `logprobs` was asked for; `top_logprobs` alone is best effort (a judge
+    falls back to the verdict's text), so a server that ignores it still serves judges.
+    """
     if isinstance(reply, (str, bytes)):  # the SDK returns non-JSON bodies as text
         raise ValueError(f"expected a JSON completion, got text {reply[:80]!r}")
     choices = sorted(reply.choices, key=lambda c: c.index or 0)
@@ -380,16 +386,26 @@ def parse_reply(reply: Any, chat: bool, logprobs: bool) -> list[Completion]:
             raise TypeError(f"choice text is {type(text).__name__}")
         item: Completion = {"text": text, "finish_reason": "length" if c.finish_reason == "length" else "stop",
                             "num_tokens": None}
-        if logprobs:
-            if c.logprobs is None:
-                raise _Fatal("logprobs were asked for, but the server returned none (e.g. `transformers serve` "
-                             "ignores them). Fix: use a server that returns them (vLLM), or turn logprobs off.")
-            values = [t.logprob for t in c.logprobs.content or []] if chat else c.logprobs.token_logprobs or []
-            item["logprobs"] = [float(v) for v in values]
+        if logprobs and c.logprobs is None:
+            raise _Fatal("logprobs were asked for, but the server returned none (e.g. `transformers serve` "
+                         "ignores them). Fix: use a server that returns them (vLLM), or turn logprobs off.")
+        if c.logprobs is not None and (logprobs or top_logprobs):
+            if chat:
+                steps = c.logprobs.content or []
+                tokens, values = [t.token for t in steps], [t.logprob for t in steps]
+                tops = [{a.token: a.logprob for a in (t.top_logprobs or [])} for t in steps]
+            else:
+                tokens, values = c.logprobs.tokens or [], c.logprobs.token_logprobs or []
+                tops = [dict(t or {}) for t in (c.logprobs.top_logprobs or [])]
+            if logprobs:
+                item["logprobs"] = [float(v) for v in values]
+            if top_logprobs and any(tops):
+                item["tokens"] = [str(t) for t in tokens]
+                item["top_logprobs"] = [merge_alternatives((str(k), float(v)) for k, v in t.items()) for t in tops]
             item["num_tokens"] = len(values)
         out.append(item)
     usage = getattr(reply, "usage", None)
-    if len(out) == 1 and not logprobs and usage is not None and usage.completion_tokens is not None:
+    if len(out) == 1 and out[0]["num_tokens"] is None and usage is not None and usage.completion_tokens is not None:
         out[0]["num_tokens"] = int(usage.completion_tokens)  # per choice only when there is one choice
     return out
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefloop.gen import Sampling, check_context, encode_prompt
+from prefloop.gen import Sampling, check_context, encode_prompt, merge_alternatives
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,8 @@ class VLLMGenerator:
             top_p=1.0 if greedy else sampling.top_p,
             seed=None if greedy else seed,
             stop=list(sampling.stop) or None,
-            logprobs=0 if sampling.logprobs else None,
+            # vLLM returns the sampled token plus the top k; 0 means the sampled token only.
+            logprobs=sampling.top_logprobs if sampling.top_logprobs else (0 if sampling.logprobs else None),
         )
 
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> list[list[Completion] | None]:
@@ -264,7 +265,7 @@ class VLLMGenerator:
         )
         results: list[list[Completion] | None] = []
         for output in outputs:
-            done = [_completion(c, sampling.logprobs) for c in output.outputs]
+            done = [_completion(c, sampling) for c in output.outputs]
             if any(c is None for c in done):
                 results.append(None)
                 continue
@@ -279,7 +280,7 @@ class VLLMGenerator:
             shutdown_engine()
 
 
-def _completion(output, logprobs: bool) -> Completion | None:
+def _completion(output, sampling: Sampling) -> Completion | None:
     if output.finish_reason not in ("stop", "length"):  # "abort": the engine dropped the request
         log.warning("vllm: a request ended %r; its prompt counts as failed", output.finish_reason)
         return None
@@ -288,8 +289,19 @@ def _completion(output, logprobs: bool) -> Completion | None:
         "finish_reason": output.finish_reason,
         "num_tokens": len(output.token_ids),
     }
-    if logprobs:
+    steps = list(zip(output.logprobs or [], output.token_ids, strict=False))
+    if sampling.logprobs:
         completion["token_ids"] = list(output.token_ids)
-        completion["logprobs"] = [step[token].logprob for step, token in zip(output.logprobs, output.token_ids, strict=True)]
+        completion["logprobs"] = [step[token].logprob for step, token in steps]
+    if sampling.top_logprobs:
+        completion["tokens"] = [step[token].decoded_token or "" for step, token in steps]
+        # Each step holds the sampled token and the top k (the sampled one may be outside them): keep the k best.
+        completion["top_logprobs"] = [
+            merge_alternatives(
+                (lp.decoded_token or "", lp.logprob)
+                for lp in sorted(step.values(), key=lambda lp: -lp.logprob)[: sampling.top_logprobs]
+            )
+            for step, _ in steps
+        ]
     return completion
 
