@@ -2,11 +2,14 @@
 
 A backend is any object with the `Judge` protocol. A failure is recorded as a failure (a status and a reason per
 completion), never coerced into a score or a label: pair selection only ever sees scores a judge really produced.
+
+Judges: `python` (a user's reward function), `reward_model` (a sequence-classification model), `llm` (a language
+model through any generator backend, pointwise or pairwise in both orders).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict
 
 
 class Verdict(TypedDict):
@@ -15,6 +18,9 @@ class Verdict(TypedDict):
     scores: list[float | None]
     statuses: list[str]  # "ok" | "error" | "parse_error" | "refusal"
     errors: list[str | None]
+    raw: NotRequired[list[Any]]  # llm: per completion, every answer the judge gave (kept for failures too)
+    details: NotRequired[list[Any]]  # llm pointwise: per completion, the text score and verdict probabilities
+    comparisons: NotRequired[list[dict[str, Any]]]  # llm pairwise: every match, both orders (see judge/llm.py)
 
 
 class Judge(Protocol):
@@ -27,12 +33,27 @@ class Judge(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("python",)
+BACKENDS = ("python", "reward_model", "llm")
 
 
 def load_judge(kind: str, **options: Any) -> Judge:
+    """Construct the named judge; `options` as `JudgeConfig.judge_options()` gives them."""
     if kind == "python":
         from prefloop.judge.python import PythonJudge
 
         return PythonJudge(options["reward_fn"], batch_size=options.get("batch_size", 256))
+    if kind == "reward_model":
+        from prefloop.judge.cache import CachedJudge
+        from prefloop.judge.reward_model import RewardModelJudge
+
+        cache = options.pop("cache", None)
+        judge = RewardModelJudge(**options)
+        return CachedJudge(judge, cache) if cache is not None else judge
+    if kind == "llm":
+        from prefloop.gen import load_generator
+        from prefloop.judge.llm import LLMJudge
+
+        generator = load_generator(options.pop("backend"), options.pop("model"), adapter=options.pop("adapter"),
+                                   **options.pop("backend_options"))
+        return LLMJudge(generator, **options)
     raise ValueError(f"unknown judge {kind!r}; choose one of: {', '.join(BACKENDS)}")

@@ -7,6 +7,9 @@ Strategies (per prompt, over completions with a real score):
 - `best_random`: highest vs a random lower-scored completion.
 - `all_above_margin`: every pair whose score gap is at least `min_margin` (more pairs, correlated).
 
+Pairwise judgments (`judge llm --mode pairwise`) carry matches instead of scores; their pairs are the decided
+matches (see `select_comparisons`), with `meta.p_chosen` the judge's probability for the chosen response.
+
 Dropped and counted (never silently kept): completions whose judgment failed, empty or truncated
 (`finish_reason == "length"`) completions, duplicate texts; prompts with fewer than two usable completions,
 ties, and margins below `min_margin`. Ties among the best (or worst) are broken by a seeded draw, not by position.
@@ -105,6 +108,53 @@ def select_pairs(
     return [(chosen, rejected)]
 
 
+def select_comparisons(
+    judgment: dict[str, Any], strategy: str, min_margin: float, rng: random.Random, drops: Counter,
+    keep_truncated: bool = False,
+) -> list[tuple[tuple[int, float, str], tuple[int, float, str]]]:
+    """Pairs from a pairwise judgment's decided matches (see judge/llm.py): (index, p, text) of winner and loser.
+
+    `best_worst`: the champion's (the last match winner's) win over the opponent it met earliest -- the widest
+    gap the bracket measured; when the champion won nothing outright, the most confident decided match.
+    `best_random`: a random decided match of the champion (else of anyone). `all_above_margin`: every decided
+    match. The margin of a match is p_chosen - p_rejected = 2 p_chosen - 1 (1 for text verdicts).
+    """
+    completions = judgment["completions"]
+    decided = []
+    for c in judgment["comparisons"]:
+        if c["status"] == "tie":
+            drops["tie"] += 1
+        elif c["status"] != "ok" or c.get("winner") is None:
+            drops["judge_failed"] += 1
+        else:
+            w, lo = completions[c["winner"]], completions[c["loser"]]
+            if not keep_truncated and "length" in (w.get("finish_reason"), lo.get("finish_reason")):
+                drops["truncated"] += 1
+            else:
+                decided.append(c)
+    if not decided:
+        drops["no_decided_match"] += 1
+        return []
+    last = max(judgment["comparisons"], key=lambda c: c["round"])
+    champion = last.get("winner")
+    won = [c for c in decided if c["winner"] == champion]
+    if strategy == "best_worst":
+        picked = [min(won, key=lambda c: c["round"])] if won else [max(decided, key=lambda c: c["p_chosen"])]
+    elif strategy == "best_random":
+        picked = [rng.choice(won or decided)]
+    else:
+        picked = decided
+    out = []
+    for c in picked:
+        p = float(c["p_chosen"])
+        if 2 * p - 1 < min_margin - MARGIN_EPS:
+            drops["below_margin"] += 1
+            continue
+        out.append(((c["winner"], p, completions[c["winner"]]["text"]),
+                    (c["loser"], 1 - p, completions[c["loser"]]["text"])))
+    return out
+
+
 def to_trl(judgment: dict[str, Any], chosen: tuple, rejected: tuple, pair_id: str, meta: dict) -> dict[str, Any]:
     """One record in TRL's preference format (conversational for message prompts, standard for text)."""
     prompt = judgment["prompt"]
@@ -152,7 +202,8 @@ def run(config: PairsConfig) -> Path:
     for judgment in judgments:
         prompts += 1
         rng = random.Random(f"{config.seed}:{judgment['id']}")
-        pairs = select_pairs(judgment, config.strategy, config.min_margin, rng, drops, config.keep_truncated)
+        select = select_comparisons if judgment.get("comparisons") is not None else select_pairs
+        pairs = select(judgment, config.strategy, config.min_margin, rng, drops, config.keep_truncated)
         for chosen, rejected in pairs:
             pair_id = judgment["id"] if len(pairs) == 1 else f"{judgment['id']}:{chosen[0]}>{rejected[0]}"
             meta = {
@@ -164,6 +215,8 @@ def run(config: PairsConfig) -> Path:
                 "chosen_index": chosen[0],
                 "rejected_index": rejected[0],
             }
+            if judgment.get("comparisons") is not None:
+                meta["p_chosen"] = chosen[1]
             lines.append(dumps(to_trl(judgment, chosen, rejected, pair_id, meta)))
             chosen_len += len(chosen[2])
             rejected_len += len(rejected[2])

@@ -1,6 +1,12 @@
 """The judge stage: candidates in, one judgments record per prompt out.
 
-    prefloop judge --candidates candidates.jsonl --out judgments.jsonl --judge python --reward-fn rewards.py:fn
+    prefloop judge --candidates c.jsonl --out j.jsonl --judge python --reward-fn rewards.py:fn
+    prefloop judge --candidates c.jsonl --out j.jsonl --judge reward_model --reward-model PATH
+    prefloop judge --candidates c.jsonl --out j.jsonl --judge llm --judge-model M --judge-backend hf|vllm|openai \
+        [--base-url U] --mode pairwise|pointwise [--template NAME|FILE.yaml]
+
+The summary beside the output (`j.summary.json`) carries the judge's statistics (`judge/stats.py`): agreement
+between orders, first-position win rate, tie, parse-error and refusal rates.
 
 Failure semantics: the candidates file is validated whole before the judge loads. Rows are judged in chunks and
 each chunk is fsynced before the next; a re-run resumes by id and keeps existing records byte-for-byte. Per
@@ -15,8 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefloop.config import ConfigError, field
-from prefloop.judge import load_judge
+from prefloop.config import ConfigError, config_hash, field, hashed_dict
+from prefloop.gen import BACKENDS as GEN_BACKENDS
+from prefloop.gen import resolve_backend
+from prefloop.judge import BACKENDS, Judge, load_judge
+from prefloop.judge.cache import JudgeCache, fingerprint, resolve_dir
+from prefloop.judge.stats import FAILURES, judge_stats
+from prefloop.judge.templates import Template, load_template
 from prefloop.progress import Progress
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, JsonlStore, iter_records
@@ -28,18 +39,98 @@ log = logging.getLogger(__name__)
 class JudgeConfig:
     candidates: str = field(help="Candidates JSONL written by `prefloop generate`.")
     out: str = field(help="Judgments JSONL to write (appended to on resume).", hash=False)
-    judge: str = field("python", help="Judge: python.")
-    reward_fn: str | None = field(None, help="For --judge python: FILE.py:function or module:function.")
-    batch_size: int = field(256, help="Completions per judge call.", hash=False)
+    judge: str = field("python", help=f"Judge: {', '.join(BACKENDS)}.")
+    reward_fn: str | None = field(None, help="python: FILE.py:function or module:function.")
+    # reward_model
+    reward_model: str | None = field(None, help="reward_model: a sequence-classification model directory or hub id.")
+    rm_output: str = field("0", help="reward_model: which output is the score: an index or a label name.")
+    rm_template: str = field("auto", help="reward_model: format (prompt, response) with: chat, raw, or auto.")
+    max_length: int | None = field(None, help="reward_model: longest input in tokens (default: the model's).")
+    # llm
+    judge_model: str | None = field(
+        None, help="llm: the judge model (directory, hub id, or server model name); in the loop, `policy` = "
+        "the current policy judges its own samples (self-rewarding).")
+    judge_adapter: str | None = field(None, help="llm: a LoRA adapter on top of --judge-model.")
+    judge_backend: str = field("hf", help="llm: generation backend of the judge: hf, vllm, openai, auto.")
+    mode: str = field("pairwise", help="llm: pairwise (both orders, knockout tournament) or pointwise (a rating).")
+    template: str | None = field(None, help="llm: built-in template name or a YAML file (default: the mode's).")
+    template_sha256: str | None = field(None, help="(derived) hash of the template's text.", cli=False)
+    judge_max_new_tokens: int = field(512, help="llm: longest judge answer in tokens.")
+    judge_temperature: float = field(0.0, help="llm: judge sampling temperature (0 = greedy).")
+    top_logprobs: int = field(5, help="llm: read verdict probabilities from this many top log-probs (0: text only).")
+    parse_retries: int = field(2, help="llm: ask again this many times when an answer has no verdict.")
+    retry_temperature: float = field(0.7, help="llm: temperature of those retries (so a greedy judge varies).")
+    judge_chat: bool = field(True, help="llm: send the judge prompt as chat messages (else as raw text).")
+    base_url: str | None = field(None, help="llm with backend openai: the server URL.", hash=False)
+    api_key_env: str = field("OPENAI_API_KEY", help="llm with backend openai: env var holding the key.", hash=False)
+    judge_engine: dict = field({}, help="llm: extra backend options, e.g. {concurrency: 32} or {engine_kwargs: "
+                               "{max_model_len: 8192}}.", hash=False)
+    dtype: str = field("auto", help="reward_model / llm (hf, vllm): model dtype.", hash=False)
+    seed: int = field(0, help="llm: seed for sampling and the tournament bracket.")
+    batch_size: int = field(256, help="Completions per judge call (python); sequences per forward (models).",
+                            hash=False)
     chunk_size: int = field(256, help="Prompts per persisted chunk.", hash=False)
+    cache: str = field("auto", help="Judge cache directory for model judges: auto (~/.cache/prefloop/judge or "
+                       "$PREFLOOP_CACHE_DIR), off, or a path.", hash=False)
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
 
     def __post_init__(self) -> None:
+        if self.judge not in BACKENDS:
+            raise ConfigError(f"judge = {self.judge!r}. Fix: use one of {', '.join(BACKENDS)}.")
         if self.judge == "python" and not self.reward_fn:
             raise ConfigError("--judge python needs --reward-fn FILE.py:function (or module:function).")
+        if self.judge == "reward_model" and not self.reward_model:
+            raise ConfigError("--judge reward_model needs --reward-model PATH (a sequence-classification model).")
+        if self.judge == "llm":
+            if not self.judge_model:
+                raise ConfigError("--judge llm needs --judge-model (a model path, hub id, or server model name).")
+            if self.judge_backend not in GEN_BACKENDS:
+                raise ConfigError(f"judge_backend = {self.judge_backend!r}. Fix: use one of {', '.join(GEN_BACKENDS)}.")
+            if self.judge_backend == "openai" and not self.base_url:
+                raise ConfigError("--judge-backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1).")
+            if self.parse_retries < 0 or self.top_logprobs < 0 or self.judge_max_new_tokens < 1:
+                raise ConfigError("need parse_retries >= 0, top_logprobs >= 0 and judge_max_new_tokens >= 1.")
+            try:
+                self.template_sha256 = self.load_template().sha256
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(str(e)) from None
+
+    def load_template(self) -> Template:
+        return load_template(self.template, self.mode)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two judges give the same answers: the cache's key (weights fingerprinted, not just named)."""
+        values = hashed_dict(self)
+        for key in ("candidates", "chunk_size", "reward_fn"):
+            values.pop(key, None)
+        values.update(reward_model=fingerprint(self.reward_model), judge_model=fingerprint(self.judge_model),
+                      judge_adapter=fingerprint(self.judge_adapter), dtype=self.dtype)
+        return values
 
     def judge_options(self) -> dict[str, Any]:
-        return {"reward_fn": self.reward_fn, "batch_size": self.batch_size}
+        if self.judge == "python":
+            return {"reward_fn": self.reward_fn, "batch_size": self.batch_size}
+        directory = resolve_dir(self.cache)
+        cache = JudgeCache(directory, config_hash(self.identity())) if directory else None
+        if self.judge == "reward_model":
+            return {"model": self.reward_model, "batch_size": self.batch_size, "dtype": self.dtype,
+                    "output": self.rm_output, "template": self.rm_template, "max_length": self.max_length,
+                    "cache": cache}
+        backend = resolve_backend(self.judge_backend)
+        if backend == "openai":
+            backend_options = {"base_url": self.base_url, "api_key_env": self.api_key_env}
+        elif backend == "hf":
+            backend_options = {"dtype": self.dtype, "batch_size": min(self.batch_size, 64)}
+        else:
+            backend_options = {"dtype": self.dtype}
+        backend_options.update(self.judge_engine)
+        return {"backend": backend, "model": self.judge_model, "adapter": self.judge_adapter,
+                "backend_options": backend_options, "template": self.load_template(),
+                "max_new_tokens": self.judge_max_new_tokens, "temperature": self.judge_temperature,
+                "top_logprobs": self.top_logprobs, "parse_retries": self.parse_retries,
+                "retry_temperature": self.retry_temperature, "seed": self.seed, "chat": self.judge_chat,
+                "cache": cache, "info": {"engine": backend, "model": self.judge_model, "adapter": self.judge_adapter,
+                                         "mode": self.mode, "template": self.template or self.mode}}
 
 
 def load_candidates(path: str | Path) -> list[dict[str, Any]]:
@@ -69,57 +160,91 @@ def run(config: JudgeConfig) -> Path:
     """Judge every candidates record into `config.out`; return its path. See module docstring."""
     out = Path(config.out)
     rows = load_candidates(config.candidates)
-    # Load the judge before anything is written: a wrong --reward-fn must fail without leaving an output behind.
-    try:
-        judge_ = load_judge(config.judge, **config.judge_options())
-    except (ValueError, AttributeError, ImportError, FileNotFoundError) as e:
-        raise ConfigError(f"--judge {config.judge}: {e}") from None
+    # A python judge loads before anything is written: a wrong --reward-fn must fail without leaving an output.
+    # Model judges load only when there is work (they are slow to load, and a finished stage needs none).
+    judge_ = _load(config) if config.judge == "python" else None
     state = StageRun("judge", out, config)
     if state.begin(config.new_run) == "done":
         log.info("%s is complete (config %s); nothing to do", out, state.hash)
-        judge_.close()
+        if judge_ is not None:
+            judge_.close()
         return out
 
     statuses: Counter[str] = Counter()
+    judge = None
     with JsonlStore(out) as store:
         todo = [r for r in rows if r["id"] not in store.done]
         progress = Progress(len(rows), "judge", initial=len(rows) - len(todo))
-        judge = judge_ if todo else None
         try:
+            if todo:
+                judge = judge_ or _load(config)
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
                 verdicts = judge.judge(chunk)
                 failed = 0
                 for row, verdict in zip(chunk, verdicts, strict=True):
+                    record = _judgment(row, verdict, judge, state.hash)
                     statuses.update(verdict["statuses"])
-                    failed += any(s != "ok" for s in verdict["statuses"])
-                    store.append(_judgment(row, verdict, judge.name, state.hash))
+                    failed += record["status"] not in ("ok", "tie")
+                    store.append(record)
                 store.commit()
                 progress.update(done=len(chunk) - failed, failed=failed)
         finally:
             progress.close()
             if judge is not None:
                 judge.close()
+            elif judge_ is not None:
+                judge_.close()
 
-    state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(statuses))
-    if statuses and statuses.get("ok", 0) != sum(statuses.values()):
-        log.warning("judge: completion statuses %s (failures are kept as failures, never scores)", dict(statuses))
+    stats = judge_stats((row for _, row in iter_records(out)), first_label=_first_label(config))
+    extra = {}
+    cache = getattr(getattr(judge, "cache", None), "hits", None)
+    if cache is not None:
+        extra["cache"] = {"hits": judge.cache.hits, "misses": judge.cache.misses}
+    if judge is not None and hasattr(judge, "calls"):
+        extra["judge_calls"] = judge.calls
+    state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(statuses), stats=stats,
+                 **extra)
+    failures = {f"{f}_rate": stats[f"{f}_rate"] for f in FAILURES if stats.get(f"{f}_rate")}
+    if failures:
+        log.warning("judge: %s (failures are kept as failures, never labels)", failures)
     return out
 
 
-def _judgment(row: dict[str, Any], verdict: dict[str, Any], judge_name: str, chash: str) -> dict[str, Any]:
-    bad = [s for s in verdict["statuses"] if s != "ok"]
-    return {
+def _load(config: JudgeConfig) -> Judge:
+    try:
+        return load_judge(config.judge, **config.judge_options())
+    except (ValueError, AttributeError, ImportError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"--judge {config.judge}: {e}") from None
+
+
+def _first_label(config: JudgeConfig) -> str:
+    return config.load_template().labels[0] if config.judge == "llm" and config.mode == "pairwise" else "A"
+
+
+def _judgment(row: dict[str, Any], verdict: dict[str, Any], judge: Judge, chash: str) -> dict[str, Any]:
+    comparisons = verdict.get("comparisons")
+    if comparisons is not None:
+        bad = [c["status"] for c in comparisons if c["status"] not in ("ok", "tie")]
+    else:
+        bad = [s for s in verdict["statuses"] if s != "ok"]
+    record = {
         "id": row["id"],
         "prompt": row["prompt"],
         "completions": row["completions"],
-        "judge": judge_name,
+        "judge": judge.name,
         "scores": verdict["scores"],
         "statuses": verdict["statuses"],
         "errors": verdict["errors"],
-        # Row status per DESIGN.md: "ok" when every completion was judged, else the first failure's status
-        # (per-completion detail is in `statuses` and `errors`).
+        # Row status per DESIGN.md: "ok" when every completion (or comparison) was judged, else the first
+        # failure's status (per-completion detail is in `statuses` and `errors`, per match in `comparisons`).
         "status": bad[0] if bad else "ok",
         "round": row.get("round", 0),
         "config_hash": chash,
     }
+    for key in ("comparisons", "raw", "details"):
+        if verdict.get(key) is not None:
+            record[key] = verdict[key]
+    if getattr(judge, "info", None):
+        record["judge_info"] = judge.info
+    return record

@@ -24,12 +24,14 @@ class ConfigError(ValueError):
     """A config that cannot work; the message names the key and the fix."""
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", hash: bool = True, **kw) -> Any:  # noqa: A002
-    """`dataclasses.field` with the help text and hash flag prefloop's CLI and drift check read."""
+def field(default: Any = dataclasses.MISSING, help: str = "", hash: bool = True, cli: bool = True,  # noqa: A002
+          **kw) -> Any:
+    """`dataclasses.field` with the help text and hash flag prefloop's CLI and drift check read. `cli=False`: a
+    value prefloop derives itself (e.g. a file's content hash), kept in the config for the drift check, no flag."""
     if isinstance(default, (list, dict)):
         kw["default_factory"] = lambda d=default: type(d)(d)
         default = dataclasses.MISSING
-    return dataclasses.field(default=default, metadata={"help": help, "hash": hash}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help, "hash": hash, "cli": cli}, **kw)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -150,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
     """Add a `--flag` per dataclass field; defaults are suppressed so only flags the user gave override YAML."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not f.metadata.get("cli", True):
             continue
         base, _ = _base_type(hints[f.name])
         names = [f"--{f.name.replace('_', '-')}"]

@@ -45,6 +45,24 @@ def error(status: int, message: str, code: str | None = None, type: str = "error
     return Reply(status=status, json=body, headers=headers or {})
 
 
+def chat_answer(text: str, finish_reason: str = "stop", top: dict[str, float] | None = None,
+                at: str | None = None) -> Reply:
+    """A chat completion whose content is `text` (a scripted judge's answer). With `top`, it carries log-probs:
+    one token per character, and at the last occurrence of `at` the alternatives `top` ({token: log-prob})."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None,
+                              "message": {"role": "assistant", "content": text}}
+    if top is not None:
+        where = text.rindex(at) if at else -1
+        choice["logprobs"] = {"content": [
+            {"token": ch, "logprob": top.get(ch, -0.1) if i == where else -0.1, "bytes": None,
+             "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in top.items()] if i == where else []}
+            for i, ch in enumerate(text)
+        ]}
+    return Reply(json={"id": "judge", "object": "chat.completion", "created": 0, "model": "judge",
+                       "choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": len(text) + 1,
+                                                      "total_tokens": len(text) + 4}})
+
+
 @dataclass
 class Request:
     path: str

@@ -1,0 +1,222 @@
+"""The `llm` judge: a language model grades candidates through any generator backend (hf, vllm, openai).
+
+    prefloop judge --candidates c.jsonl --out j.jsonl --judge llm --judge-model M --judge-backend vllm \
+        --mode pairwise                                # or pointwise; --template NAME|FILE.yaml
+
+With the policy as `--judge-model` (in the loop: `judge_model: policy`) this is self-rewarding.
+
+**Pointwise**: each completion is rated on the template's scale (default: an additive 0-5 rubric).
+
+**Pairwise**, both orders: every comparison is asked twice, with the two responses swapped. The orders agree ->
+a label (the winner, with `p_chosen`); they disagree -> a tie, counted and never a label. A judge that always
+picks the first slot therefore produces ties only, and its first-position win rate (in the stage summary and
+the loop report) reads 100%.
+
+For N candidates the judge runs a **knockout tournament**: a seeded bracket over the distinct non-empty texts;
+each match is judged in both orders; the winner advances (after a tie or a failed match a seeded coin picks who
+advances, and the match gives no label). That is N-1 matches, 2(N-1) judge calls per prompt -- O(N), where
+all-pairs would be O(N^2). Every decided match is a judged (winner, loser) pair; `prefloop pairs` takes the
+champion's widest win (`best_worst`), a random one of its wins (`best_random`), or every decided match
+(`all_above_margin`).
+
+**Failures** are never labels. An answer without a verdict on its last line is asked again (up to
+`parse_retries` times, sampled at `retry_temperature` so a greedy judge does not repeat itself), then stored as
+`parse_error` with every raw answer; a declined answer is a `refusal`; a request the backend could not serve is
+an `error`. **Probabilities**: where the backend returns top log-probs, the verdict's probability comes from the
+log-probs at the verdict token (pairwise: p(A) vs p(B), averaged over both orders; pointwise: the expected score),
+else from the text (p = 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from prefloop.gen import Sampling, encode_prompt
+from prefloop.judge import Verdict
+from prefloop.judge.cache import JudgeCache
+from prefloop.judge.templates import Template, messages, parse, render, verdict_probabilities
+
+log = logging.getLogger(__name__)
+
+
+class LLMJudge:
+    """Judges with `generator` (any `Generator`) and `template`; see module docstring."""
+
+    def __init__(self, generator, template: Template, *, max_new_tokens: int = 512, temperature: float = 0.0,
+                 top_logprobs: int = 5, parse_retries: int = 2, retry_temperature: float = 0.7, seed: int = 0,
+                 chat: bool = True, cache: JudgeCache | None = None, info: dict[str, Any] | None = None) -> None:
+        self.generator, self.template = generator, template
+        self.mode = template.mode
+        self.max_new_tokens, self.temperature, self.top_logprobs = max_new_tokens, temperature, top_logprobs
+        self.parse_retries, self.retry_temperature, self.seed, self.chat = parse_retries, retry_temperature, seed, chat
+        self.cache = cache
+        self.name = f"llm:{generator.name}:{template.name}"
+        self.info = info or {}
+        self.calls = 0  # judge requests actually sent (cache hits excluded)
+
+    # -- asking ------------------------------------------------------------------------------------------------
+
+    def _judge_input(self, text: str) -> Any:
+        if self.chat:
+            return messages(self.template, text)
+        return (self.template.system + "\n\n" if self.template.system else "") + text
+
+    def _too_long(self, judge_input: Any) -> str | None:
+        tokenizer, context = getattr(self.generator, "tokenizer", None), getattr(self.generator, "max_context", None)
+        if tokenizer is None or not context:
+            return None  # a server: it refuses an over-long request itself, and that request fails alone
+        length = len(encode_prompt(tokenizer, judge_input, self.generator.name))
+        if length + self.max_new_tokens > context:
+            return (f"the judge prompt has {length} tokens; with max_new_tokens={self.max_new_tokens} the judge's "
+                    f"context of {context} fits at most {max(context - self.max_new_tokens, 0)}")
+        return None
+
+    def ask(self, texts: list[str]) -> list[dict[str, Any]]:
+        """One answer per rendered instruction: {value, status, error, raw: [every attempt's text], probs}."""
+        inputs = [self._judge_input(t) for t in texts]
+        answers: list[dict[str, Any]] = [
+            {"value": None, "status": "error", "error": None, "raw": [], "probs": None} for _ in texts
+        ]
+        pending = []
+        for i, judge_input in enumerate(inputs):
+            reason = self._too_long(judge_input)
+            if reason:
+                answers[i]["error"] = reason
+            else:
+                pending.append(i)
+        for attempt in range(self.parse_retries + 1):
+            if not pending:
+                break
+            completions = self._complete([inputs[i] for i in pending], attempt)
+            retry = []
+            for i, completion in zip(pending, completions, strict=True):
+                answer = answers[i]
+                if completion is None:
+                    answer.update(status="error", error="the judge backend failed this request")
+                    continue
+                answer["raw"].append(completion["text"])
+                value, status, error = parse(self.template, completion["text"],
+                                             completion.get("finish_reason") == "length")
+                answer.update(value=value, status=status, error=error)
+                if status == "ok":
+                    answer["probs"] = verdict_probabilities(self.template, completion, value)
+                elif attempt < self.parse_retries:
+                    retry.append(i)
+            pending = retry
+        return answers
+
+    def _complete(self, inputs: list[Any], attempt: int) -> list[dict[str, Any] | None]:
+        """Completions for `inputs` at `attempt`, from the cache where possible; successes go into the cache."""
+        keys = [JudgeCache.key(x, attempt) for x in inputs]
+        out: list[dict[str, Any] | None] = [self.cache.get(k) if self.cache else None for k in keys]
+        missing = [i for i, c in enumerate(out) if c is None]
+        if missing:
+            temperature = self.temperature if attempt == 0 else max(self.temperature, self.retry_temperature)
+            sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=temperature,
+                                seed=(self.seed + 1_000_003 * attempt) % 2**31, top_logprobs=self.top_logprobs)
+            results = self.generator.generate([inputs[i] for i in missing], n=1, sampling=sampling)
+            self.calls += len(missing)
+            for i, result in zip(missing, results, strict=True):
+                completion = result[0] if result else None
+                out[i] = completion
+                if completion is not None and self.cache is not None:
+                    if parse(self.template, completion["text"])[1] == "ok":
+                        self.cache.put(keys[i], completion)
+            if self.cache is not None:
+                self.cache.flush()
+        return out
+
+    # -- judging -----------------------------------------------------------------------------------------------
+
+    def judge(self, rows: list[dict[str, Any]]) -> list[Verdict]:
+        return self._pointwise(rows) if self.mode == "pointwise" else self._pairwise(rows)
+
+    def _pointwise(self, rows: list[dict[str, Any]]) -> list[Verdict]:
+        units = [(r, i) for r, row in enumerate(rows) for i in range(len(row["completions"]))]
+        texts = [render(self.template, rows[r]["prompt"], [rows[r]["completions"][i]["text"]]) for r, i in units]
+        answers = self.ask(texts)
+        verdicts = [_empty(len(row["completions"])) for row in rows]
+        for (r, i), answer in zip(units, answers, strict=True):
+            v = verdicts[r]
+            score = answer["value"]
+            if answer["status"] == "ok" and answer["probs"]:
+                score = sum(int(k) * p for k, p in answer["probs"].items())  # the expected score
+            v["scores"][i] = None if answer["status"] != "ok" else float(score)
+            v["statuses"][i], v["errors"][i] = answer["status"], answer["error"]
+            v["raw"][i] = answer["raw"]
+            v["details"][i] = {"text_score": answer["value"], "probs": answer["probs"]}
+        return verdicts
+
+    def _pairwise(self, rows: list[dict[str, Any]]) -> list[Verdict]:
+        rngs = [random.Random(f"{self.seed}:{row['id']}") for row in rows]
+        alive = []
+        for row, rng in zip(rows, rngs, strict=True):
+            entrants, seen = [], set()
+            for i, c in enumerate(row["completions"]):  # identical or empty texts cannot make a pair
+                if c["text"].strip() and c["text"] not in seen:
+                    seen.add(c["text"])
+                    entrants.append(i)
+            rng.shuffle(entrants)
+            alive.append(entrants)
+        comparisons: list[list[dict[str, Any]]] = [[] for _ in rows]
+        bracket_round = 0
+        while any(len(a) > 1 for a in alive):
+            bracket_round += 1
+            matches = [(r, a[k], a[k + 1]) for r, a in enumerate(alive) for k in range(0, len(a) - 1, 2)]
+            texts = []
+            for r, a, b in matches:
+                prompt, completions = rows[r]["prompt"], rows[r]["completions"]
+                texts.append(render(self.template, prompt, [completions[a]["text"], completions[b]["text"]]))
+                texts.append(render(self.template, prompt, [completions[b]["text"], completions[a]["text"]]))
+            answers = self.ask(texts)
+            winners: dict[int, list[int]] = {r: [] for r in range(len(rows))}
+            for m, (r, a, b) in enumerate(matches):
+                comparison = self._combine(a, b, answers[2 * m], answers[2 * m + 1], bracket_round)
+                comparisons[r].append(comparison)
+                winners[r].append(comparison["winner"] if comparison["winner"] is not None
+                                  else rngs[r].choice((a, b)))
+            for r, a in enumerate(alive):
+                if len(a) > 1:
+                    alive[r] = winners[r] + ([a[-1]] if len(a) % 2 else [])  # the odd one out has a bye
+        verdicts = []
+        for row, comps in zip(rows, comparisons, strict=True):
+            v = _empty(len(row["completions"]))
+            v["statuses"] = ["ok"] * len(row["completions"])
+            v["comparisons"] = comps
+            verdicts.append(v)
+        return verdicts
+
+    def _combine(self, a: int, b: int, ab: dict[str, Any], ba: dict[str, Any], bracket_round: int) -> dict[str, Any]:
+        """One match from its two orders: `ab` shows a in the first slot, `ba` shows b there."""
+        first, second = self.template.labels
+        comparison: dict[str, Any] = {
+            "round": bracket_round, "a": a, "b": b, "verdicts": [ab["value"], ba["value"]],
+            "status": "ok", "winner": None, "raw": [ab["raw"], ba["raw"]], "errors": [ab["error"], ba["error"]],
+        }
+        failed = [x["status"] for x in (ab, ba) if x["status"] != "ok"]
+        if failed:
+            comparison["status"] = failed[0]
+            return comparison
+        a_wins = [ab["value"] == first, ba["value"] == second]
+        if a_wins[0] != a_wins[1]:
+            comparison["status"] = "tie"  # the orders disagree: position, not quality, decided
+            return comparison
+        winner = a if a_wins[0] else b
+        comparison["winner"], comparison["loser"] = winner, b if winner == a else a
+        if ab["probs"] and ba["probs"]:
+            p_a = (ab["probs"][first] + ba["probs"][second]) / 2
+            comparison["p_chosen"] = round(p_a if winner == a else 1 - p_a, 6)
+            comparison["p_source"] = "logprobs"
+        else:
+            comparison["p_chosen"], comparison["p_source"] = 1.0, "text"
+        return comparison
+
+    def close(self) -> None:
+        self.generator.close()
+
+
+def _empty(n: int) -> Verdict:
+    return {"scores": [None] * n, "statuses": ["error"] * n, "errors": [None] * n, "raw": [None] * n,
+            "details": [None] * n}
