@@ -203,14 +203,68 @@ def _eval_summary(judgments: Path) -> dict[str, Any]:
     return summary
 
 
+def _pairwise_eval(config: LoopConfig, judge_cfg: Any, k: int, candidates: Path, round_dir: Path):
+    """A pairwise judge has no scores: policy k's held-out answer is judged against round 0's, in both orders.
+
+    Round 0 only writes the baseline answers. `win_rate_vs_base` is over every held-out prompt: identical answers
+    (`same`), an empty answer on either side (`empty`), ties (the orders disagree) and failed matches count as
+    not won, so it is a lower bound; `tie_rate`,
+    `same` and `failed` say how much is undecided.
+    """
+    summary: dict[str, Any] = {"mean_length": _mean_length(candidates)}
+    if k == 0:
+        return candidates, {**summary, "prompts": sum(1 for _ in iter_records(candidates))}
+    base = {row["id"]: row for _, row in iter_records(Path(config.out) / "round_000" / "eval_candidates.jsonl")}
+    versus = round_dir / "eval_vs_base_candidates.jsonl"
+    rows = [{"id": row["id"], "prompt": row["prompt"],
+             "completions": [row["completions"][0], base[row["id"]]["completions"][0]]}
+            for _, row in iter_records(candidates) if row["id"] in base]
+    atomic_write(versus, "".join(dumps(r) for r in rows))
+    judge_cfg.candidates, judge_cfg.out = str(versus), str(round_dir / "eval_judgments.jsonl")
+    judgments = judge(judge_cfg)
+    outcomes = {"won": 0, "lost": 0, "tie": 0, "failed": 0, "same": 0, "empty": 0}
+    for _, row in iter_records(judgments):
+        texts = [c["text"] for c in row["completions"]]
+        if texts[0] == texts[1] or not all(t.strip() for t in texts):  # nothing to compare: not a match
+            outcomes["same" if texts[0] == texts[1] else "empty"] += 1
+        for c in row["comparisons"]:
+            if c["status"] == "tie":
+                outcomes["tie"] += 1
+            elif c["status"] != "ok":
+                outcomes["failed"] += 1
+            else:
+                outcomes["won" if c["winner"] == 0 else "lost"] += 1
+    matches = max(sum(outcomes.values()), 1)
+    return judgments, {**summary, "prompts": len(rows), **outcomes,
+                       "win_rate_vs_base": round(outcomes["won"] / matches, 4),
+                       "tie_rate": round(outcomes["tie"] / matches, 4)}
+
+
 def _phase(manifest: Manifest, k: int, name: str, fn) -> None:
-    """Run one phase unless the manifest says it is done; `fn() -> (output file or None, summary)`."""
+    """Run one phase unless the manifest says it is done; `fn() -> (output file or None, summary)`.
+
+    An exception marks the phase `failed` with its message (the report shows it) and propagates; a re-run retries
+    the phase. A SIGKILL leaves it `running`, which a re-run treats the same way.
+    """
     if manifest.phase_done(k, name):
         return
     started = manifest.start(k, name)
     log.info("round %d: %s", k, name)
-    output, summary = fn()
+    try:
+        output, summary = fn()
+    except Exception as e:
+        manifest.data["rounds"][k]["phases"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        manifest.data["status"] = "failed"
+        manifest.save()
+        raise
     manifest.done(k, name, started, output, summary)
+
+
+def _judge_settings(config: LoopConfig, policy: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """`judge_model: policy` (self-rewarding) -> the given policy's model and adapter judge."""
+    if {**config.judge, **settings}.get("judge_model") != "policy":
+        return settings
+    return {**settings, "judge_model": policy["model"], "judge_adapter": policy["adapter"]}
 
 
 def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: dict[str, Any], round_dir: Path) -> None:
@@ -222,8 +276,12 @@ def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: dict[str, 
                     "out": str(round_dir / "eval_candidates.jsonl"), "seed": config.seed}
         gen_cfg = config.stage_config("generate", k, settings)
         candidates = generate(gen_cfg)
-        judge_cfg = config.stage_config("judge", k, {"candidates": str(candidates),
-                                                     "out": str(round_dir / "eval_judgments.jsonl")})
+        # A self-rewarding judge scores the held-out answers as the initial model: one fixed judge for every round.
+        initial = {"model": config.model, "adapter": None}
+        judge_cfg = config.stage_config("judge", k, _judge_settings(config, initial, {
+            "candidates": str(candidates), "out": str(round_dir / "eval_judgments.jsonl")}))
+        if judge_cfg.judge == "llm" and judge_cfg.mode == "pairwise":
+            return _pairwise_eval(config, judge_cfg, k, candidates, round_dir)
         judgments = judge(judge_cfg)
         return judgments, _eval_summary(judgments)
 
@@ -244,14 +302,25 @@ def _generate_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
     return out, {**summary, "mean_length": _mean_length(out)}
 
 
-def _judge_phase(config: LoopConfig, k: int):
-    out = judge(config.stage_config("judge", k, {}))
+def _judge_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
+    out = judge(config.stage_config("judge", k, _judge_settings(config, policy, {})))
     return out, read_summary(out)
 
 
 def _pairs_phase(config: LoopConfig, k: int, d: Path):
     out = select_pairs(config.stage_config("pairs", k, {}))
     summary = read_summary(out)
+    if not summary.get("pairs"):
+        stats = read_summary(d / "judgments.jsonl").get("stats") or {}
+        hint = ""
+        if stats.get("first_position_win_rate") is not None:
+            hint = (f"; the judge picked the first slot {stats['first_position_win_rate']:.0%} of the time and its "
+                    f"two orders agreed {stats.get('agreement_rate') or 0:.0%} of the time")
+        raise RuntimeError(
+            f"round {k}: no pairs to train on (drops: {summary.get('drops')}{hint}). Fix: see the judge's summary "
+            f"in {d / 'judgments.summary.json'} and the report; a judge with a strong position bias or failing "
+            "parses labels nothing."
+        )
     if config.data == "accumulate":
         parts = [Path(config.out) / f"round_{j:03d}" / "pairs.jsonl" for j in range(1, k + 1)]
         atomic_write(d / "train_pairs.jsonl", b"".join(p.read_bytes() for p in parts))
@@ -283,7 +352,7 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
     manifest.round(k, policy)
     _phase(manifest, k, "prompts", lambda: _draw_phase(config, pool, k, d))
     _phase(manifest, k, "generate", lambda: _generate_phase(config, k, policy))
-    _phase(manifest, k, "judge", lambda: _judge_phase(config, k))
+    _phase(manifest, k, "judge", lambda: _judge_phase(config, k, policy))
     _phase(manifest, k, "pairs", lambda: _pairs_phase(config, k, d))
     _phase(manifest, k, "train", lambda: _train_phase(config, k, d, policy))
     if config.train.get("lora", True):
@@ -296,7 +365,10 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
 
 
 def _uses_vllm(config: LoopConfig) -> bool:
-    return any(resolve_backend(s.get("backend", "hf")) == "vllm" for s in (config.gen, {**config.gen, **config.eval}))
+    backends = [s.get("backend", "hf") for s in (config.gen, {**config.gen, **config.eval})]
+    if config.judge.get("judge") == "llm":
+        backends.append(config.judge.get("judge_backend", "hf"))
+    return any(resolve_backend(b) == "vllm" for b in backends)
 
 
 def _engine_scope(config: LoopConfig):
@@ -331,7 +403,11 @@ def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]]) -> Path:
     _evaluate(config, manifest, 0, policy, root / "round_000")
     write_report(root)
     for k in range(1, config.rounds + 1):
-        policy = _round(config, manifest, pool, k, policy)
+        try:
+            policy = _round(config, manifest, pool, k, policy)
+        except Exception:
+            write_report(root)  # the report then shows the failed phase and the numbers that explain it
+            raise
         manifest.save()
         write_report(root)
 

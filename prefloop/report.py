@@ -103,10 +103,35 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _metric_key(rounds: list[dict[str, Any]]) -> str:
+    """The held-out metric to plot and headline: accuracy (a verifier), else mean score, else the win rate
+    against round 0 (a pairwise judge)."""
+    for key in ("accuracy", "mean_score"):
+        if any(_metric(r, key) is not None for r in rounds):
+            return key
+    return "win_rate_vs_base" if any(_metric(r, "win_rate_vs_base") is not None for r in rounds) else "mean_score"
+
+
+def _judge_note(name: str, stats: dict[str, Any]) -> str | None:
+    """The judge's trust numbers (judge/stats.py) in one line."""
+    parts = []
+    for key, label in (("agreement_rate", "orders agree"), ("first_position_win_rate", "first-position win rate"),
+                       ("tie_rate", "ties"), ("parse_error_rate", "parse errors"), ("refusal_rate", "refusals"),
+                       ("error_rate", "errors")):
+        if stats.get(key) is not None:
+            parts.append(f"{label} {_pct(stats[key])}")
+    return f"{name}: " + ", ".join(parts) if parts else None
+
+
 def _summary_line(rounds: list[dict[str, Any]], key: str) -> str:
     """First → last held-out metric; the headline a reader checks before anything else."""
     evals = [(r.get("round"), _metric(r, key)) for r in rounds]
     evals = [(k, v) for k, v in evals if v is not None]
+    if key == "win_rate_vs_base":
+        if not evals:
+            return "No held-out comparison with round 0 has finished yet."
+        k, v = evals[-1]
+        return f"Held-out win rate vs round 0: {_pct(v)} at round {k} (ties and failed matches count as not won)."
     name = "accuracy" if key == "accuracy" else "mean score"
     fmt = _pct if key == "accuracy" else (lambda x: f"{x:.3f}")
     if not evals:
@@ -122,7 +147,8 @@ def _summary_line(rounds: list[dict[str, Any]], key: str) -> str:
 def render_markdown(run_dir: Path, manifest: dict[str, Any]) -> str:
     rounds = manifest.get("rounds") or []
     has_acc = any(_metric(r, "accuracy") is not None for r in rounds)
-    key = "accuracy" if has_acc else "mean_score"
+    key = _metric_key(rounds)
+    has_wins = any(_metric(r, "win_rate_vs_base") is not None for r in rounds)
     base = next((_metric(r, key) for r in rounds if r.get("round") == 0), None)
 
     out = [f"# prefloop report: {run_dir.resolve().name}", "", _summary_line(rounds, key)]
@@ -134,6 +160,7 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any]) -> str:
         out += ["## Config", "", *config_lines, ""]
 
     header = ["round", "held-out mean score"] + (["held-out accuracy"] if has_acc else [])
+    header += ["win rate vs round 0"] if has_wins else []
     header += [f"Δ {'acc (points)' if has_acc else 'score'} vs round 0", "pairs kept", "drops by reason"]
     header += ["mean response length (chars)"] + [label for _, label in TIMED_PHASES]
     out += ["## Rounds", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -144,7 +171,10 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any]) -> str:
         ]
         if has_acc:
             row.append(_cell(r, "eval", lambda s: None if s.get("accuracy") is None else _pct(s["accuracy"])))
-        value = _metric(r, key)
+        if has_wins:
+            row.append(_cell(r, "eval", lambda s: None if s.get("win_rate_vs_base") is None
+                             else _pct(s["win_rate_vs_base"])))
+        value = _metric(r, key) if key != "win_rate_vs_base" else None
         if r.get("round") == 0 and value is not None:
             row.append("baseline")
         elif value is not None and base is not None:
@@ -164,6 +194,8 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any]) -> str:
             s = _done_summary(r, name)
             if s and s.get("completion_statuses"):
                 notes.append(f"{name} completion statuses: {_counts(s['completion_statuses'])}")
+            if s and s.get("stats") and _judge_note(name, s["stats"]):
+                notes.append(_judge_note(name, s["stats"]))
         s = _done_summary(r, "pairs")
         if s and s.get("mean_chosen_chars") is not None and s.get("mean_rejected_chars") is not None:
             # A chosen side that is systematically longer is the classic length bias of judges.
@@ -184,8 +216,8 @@ def render_png(manifest: dict[str, Any]) -> bytes:
     from matplotlib.figure import Figure
 
     rounds = manifest.get("rounds") or []
-    has_acc = any(_metric(r, "accuracy") is not None for r in rounds)
-    key = "accuracy" if has_acc else "mean_score"
+    key = _metric_key(rounds)
+    has_acc = key in ("accuracy", "win_rate_vs_base")  # both are fractions
     points = [(r["round"], _metric(r, key)) for r in rounds if "round" in r and _metric(r, key) is not None]
     bars = [(r["round"], (_done_summary(r, "pairs") or {}).get("pairs")) for r in rounds if "round" in r]
     bars = [(k, v) for k, v in bars if v is not None]
@@ -195,7 +227,8 @@ def render_png(manifest: dict[str, Any]) -> bytes:
     FigureCanvasAgg(fig)
     # Shared x so a round's held-out metric lines up with the pairs count of the same round.
     ax, ax_pairs = fig.subplots(1, 2, width_ratios=[3, 2], sharex=True) if bars else (fig.subplots(), None)
-    label = "held-out accuracy" if has_acc else "held-out mean score"
+    label = {"accuracy": "held-out accuracy", "mean_score": "held-out mean score",
+             "win_rate_vs_base": "held-out win rate vs round 0"}[key]
     if points:
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o", color="tab:blue")
