@@ -195,8 +195,8 @@ class HFGenerator:
     def _add_logprobs(self, completion: Completion, tokens: list[int], steps: _Steps, row: int,
                       sampling: Sampling) -> None:
         count = completion["num_tokens"]
+        completion["token_ids"] = tokens[:count]
         if sampling.logprobs:
-            completion["token_ids"] = tokens[:count]
             completion["logprobs"] = steps.chosen[row][:count]
         if sampling.top_logprobs:
             decode = self._token_text

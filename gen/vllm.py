@@ -290,8 +290,9 @@ def _completion(output, sampling: Sampling) -> Completion | None:
         "num_tokens": len(output.token_ids),
     }
     steps = list(zip(output.logprobs or [], output.token_ids, strict=False))
-    if sampling.logprobs:
+    if sampling.logprobs or sampling.top_logprobs:
         completion["token_ids"] = list(output.token_ids)
+    if sampling.logprobs:
         completion["logprobs"] = [step[token].logprob for step, token in steps]
     if sampling.top_logprobs:
         completion["tokens"] = [step[token].decoded_token or "" for step, token in steps]

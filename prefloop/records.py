@@ -27,7 +27,7 @@ class Completion(TypedDict):
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
     num_tokens: int | None  # tokens generated, EOS included; None only when a server does not say
     logprobs: NotRequired[list[float]]  # per generated token, the model's raw log-prob (when asked for)
-    token_ids: NotRequired[list[int]]  # the generated token ids, beside `logprobs` (local backends only)
+    token_ids: NotRequired[list[int]]  # the generated token ids, beside (top) log-probs (local backends only)
     tokens: NotRequired[list[str]]  # each generated token's text (with `Sampling.top_logprobs`)
     top_logprobs: NotRequired[list[dict[str, float]]]  # per generated token: {alternative's text: log-prob}
 

@@ -211,3 +211,19 @@ def test_logprobs_are_the_models_own(gen: HFGenerator):
     with_lp = gen.generate(prompts, n=2, sampling=Sampling(**{**sampled.__dict__, "logprobs": True}))
     assert texts(plain) == texts(with_lp) and "logprobs" not in plain[0][0]
     assert all(len(c["logprobs"]) == c["num_tokens"] and max(c["logprobs"]) <= 0 for cs in with_lp for c in cs)
+
+
+def test_top_logprobs_are_the_models_top_k(gen: HFGenerator):
+    """With `top_logprobs=k`, every generated token carries its text and the model's k likeliest alternatives
+    (raw distribution, as vLLM reports them), sampled or greedy; the text does not change."""
+    from topk import check_top_logprobs
+
+    prompts = ["12+34=", [{"role": "user", "content": "Hi"}]]
+    for sampling in (Sampling(max_new_tokens=6, temperature=0.0), Sampling(max_new_tokens=6, temperature=0.8, seed=2)):
+        plain = gen.generate(prompts, n=2, sampling=sampling)
+        out = gen.generate(prompts, n=2, sampling=Sampling(**{**sampling.__dict__, "top_logprobs": 3}))
+        assert texts(out) == texts(plain)
+        checked = sum(check_top_logprobs(cs, gen._encode(p), gen.model, gen.tokenizer, 3)
+                      for p, cs in zip(prompts, out, strict=True))
+        assert checked >= 8
+

@@ -198,6 +198,20 @@ def test_vllm_seeds_are_reproducible_and_counts_agree(vllm_url, tiny_model):
 
 
 @pytest.mark.slow
+def test_vllm_server_returns_top_logprobs(vllm_url, tiny_model):
+    """Chat and completions replies carry each token's text and top-k alternatives: the model's own."""
+    from topk import check_top_logprobs
+
+    gen = OpenAIGenerator(str(tiny_model), base_url=vllm_url)
+    out = gen.generate(PROMPTS, n=1, sampling=Sampling(max_new_tokens=6, temperature=0.0, top_logprobs=3))
+    gen.close()
+    model, tokenizer = hf_model(tiny_model)
+    checked = sum(check_top_logprobs(cs, encode_prompt(tokenizer, p), model, tokenizer, 3, first_only=True)
+                  for p, cs in zip(PROMPTS, out, strict=True))
+    assert checked == len(PROMPTS)
+
+
+@pytest.mark.slow
 def test_vllm_greedy_matches_the_hf_backend(vllm_url, tiny_model):
     """temperature 0 over HTTP gives the hf backend's greedy text, for raw and chat prompts alike."""
     served, local = greedy_served_and_local(vllm_url, tiny_model, n=2)

@@ -199,3 +199,17 @@ def test_seeded_sampling_of_a_batch_larger_than_one_step(gen):
     prompts = [f"{i:03d}" + "abcdefghij" * 10 for i in range(64)]  # 64 x 4 samples x 104 tokens > 4096
     out = gen.generate(prompts, n=4, sampling=Sampling(max_new_tokens=4, seed=1))
     assert all(len(cs) == 4 for cs in out)
+
+
+def test_top_logprobs_are_the_models_top_k(gen, tiny_model):
+    """`top_logprobs=k` gives each token's text and the model's k likeliest alternatives, as the hf backend does."""
+    from topk import check_top_logprobs
+
+    from prefloop.gen import encode_prompt
+
+    model, tokenizer = hf_model(tiny_model)
+    out = gen.generate(PROMPTS[:3], n=2, sampling=Sampling(max_new_tokens=6, seed=4, top_logprobs=3))
+    checked = sum(check_top_logprobs(cs, encode_prompt(tokenizer, p), model, tokenizer, 3)
+                  for p, cs in zip(PROMPTS[:3], out, strict=True))
+    assert checked >= 12
+
