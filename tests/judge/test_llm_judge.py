@@ -287,3 +287,32 @@ def test_editing_the_template_is_config_drift(tmp_path, server):
     template.write_text("mode: pointwise\ntemplate: 'Judge {response} given {prompt}.'\n")
     with pytest.raises(ConfigDriftError, match="template_sha256"):
         run(judge_config(tmp_path, server, candidates, mode="pointwise", template=str(template)))
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def test_cli_pairwise_judge_then_pairs(tmp_path, server, capsys):
+    from prefloop.cli import main
+
+    server.script = lambda req: chat_answer("Verdict: [[A]]" if "<response_a>\n4\n" in user_text(req)
+                                            else "Verdict: [[B]]")
+    candidates = write_candidates(tmp_path / "c.jsonl", {"p": ("2+2=", ["5", "4"])})
+    judgments = tmp_path / "j.jsonl"
+    assert main(["judge", "--candidates", str(candidates), "--out", str(judgments), "--judge", "llm",
+                 "--judge-model", "m", "--judge-backend", "openai", "--base-url", server.url, "--mode", "pairwise",
+                 "--cache", "off"]) == 0
+    assert main(["pairs", "--judgments", str(judgments), "--out", str(tmp_path / "pairs.jsonl")]) == 0
+    (pair,) = read_records(tmp_path / "pairs.jsonl")
+    assert (pair["chosen"], pair["rejected"]) == ("4", "5")
+
+
+def test_cli_bad_template_is_a_one_line_error(tmp_path, capsys):
+    from prefloop.cli import main
+
+    bad = tmp_path / "t.yaml"
+    bad.write_text("mode: pairwise\ntemplate: 'only {prompt}'\n")
+    code = main(["judge", "--candidates", "c.jsonl", "--out", str(tmp_path / "j.jsonl"), "--judge", "llm",
+                 "--judge-model", "m", "--template", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2 and "placeholders" in err and str(bad) in err and "Traceback" not in err
