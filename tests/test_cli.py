@@ -213,3 +213,12 @@ def test_generate_judge_pairs_chain_on_tiny_model(tmp_path, tiny_model):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "examples").glob("*.yaml")))
+def test_example_configs_are_valid(name):
+    """Every shipped recipe parses into a LoopConfig (every stage's keys checked) without running anything."""
+    from prefloop.config import from_dict, load_yaml
+    from prefloop.loop import LoopConfig
+
+    from_dict(LoopConfig, load_yaml(Path(__file__).parent.parent / "examples" / name), name)
