@@ -61,7 +61,9 @@ def encode_prompt(tokenizer, prompt: Prompt, name: str = "model") -> list[int]:
     """Token ids of one prompt, the same way in every local backend (so hf and vllm see identical inputs).
 
     A plain string is tokenized as is, with the tokenizer's default special tokens (e.g. BOS). A message list goes
-    through the chat template with the generation prompt; the template writes its own special tokens.
+    through the chat template with the generation prompt; the template writes its own special tokens. A message
+    list that ends with an assistant message is a prefill: the model continues that message (judges use this to
+    put words in its mouth, e.g. "The answer is: ("). User prompt files never end that way (the loader refuses).
     """
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
@@ -70,7 +72,10 @@ def encode_prompt(tokenizer, prompt: Prompt, name: str = "model") -> list[int]:
             f"{name}: message prompts need a chat template, and this tokenizer has none. "
             "Fix: use plain-string prompts, or a model whose tokenizer defines `chat_template`."
         )
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if prompt[-1]["role"] == "assistant":
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, continue_final_message=True)
+    else:
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -305,6 +305,8 @@ class OpenAIGenerator:
                 options["logprobs"] = True  # the sampled tokens' log-probs
                 if sampling.top_logprobs:
                     options["top_logprobs"] = sampling.top_logprobs
+            if messages[-1]["role"] == "assistant":  # a prefill: continue that message (vLLM's extension)
+                options["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
             reply = await self._client.chat.completions.create(messages=messages, **options)
         else:
             if sampling.logprobs or sampling.top_logprobs:

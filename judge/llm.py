@@ -30,13 +30,13 @@ else from the text (p = 1).
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 from prefloop.gen import Sampling, encode_prompt
 from prefloop.judge import Verdict
 from prefloop.judge.cache import JudgeCache
 from prefloop.judge.templates import Template, messages, parse, render, verdict_probabilities
+from prefloop.judge.tournament import Match, knockout
 
 log = logging.getLogger(__name__)
 
@@ -150,38 +150,18 @@ class LLMJudge:
         return verdicts
 
     def _pairwise(self, rows: list[dict[str, Any]]) -> list[Verdict]:
-        rngs = [random.Random(f"{self.seed}:{row['id']}") for row in rows]
-        alive = []
-        for row, rng in zip(rows, rngs, strict=True):
-            entrants, seen = [], set()
-            for i, c in enumerate(row["completions"]):  # identical or empty texts cannot make a pair
-                if c["text"].strip() and c["text"] not in seen:
-                    seen.add(c["text"])
-                    entrants.append(i)
-            rng.shuffle(entrants)
-            alive.append(entrants)
-        comparisons: list[list[dict[str, Any]]] = [[] for _ in rows]
-        bracket_round = 0
-        while any(len(a) > 1 for a in alive):
-            bracket_round += 1
-            matches = [(r, a[k], a[k + 1]) for r, a in enumerate(alive) for k in range(0, len(a) - 1, 2)]
+        def play(matches: list[Match], bracket_round: int) -> list[dict[str, Any]]:
             texts = []
             for r, a, b in matches:
                 prompt, completions = rows[r]["prompt"], rows[r]["completions"]
                 texts.append(render(self.template, prompt, [completions[a]["text"], completions[b]["text"]]))
                 texts.append(render(self.template, prompt, [completions[b]["text"], completions[a]["text"]]))
             answers = self.ask(texts)
-            winners: dict[int, list[int]] = {r: [] for r in range(len(rows))}
-            for m, (r, a, b) in enumerate(matches):
-                comparison = self._combine(a, b, answers[2 * m], answers[2 * m + 1], bracket_round)
-                comparisons[r].append(comparison)
-                winners[r].append(comparison["winner"] if comparison["winner"] is not None
-                                  else rngs[r].choice((a, b)))
-            for r, a in enumerate(alive):
-                if len(a) > 1:
-                    alive[r] = winners[r] + ([a[-1]] if len(a) % 2 else [])  # the odd one out has a bye
+            return [self._combine(a, b, answers[2 * m], answers[2 * m + 1], bracket_round)
+                    for m, (_, a, b) in enumerate(matches)]
+
         verdicts = []
-        for row, comps in zip(rows, comparisons, strict=True):
+        for row, comps in zip(rows, knockout(rows, self.seed, play), strict=True):
             v = _empty(len(row["completions"]))
             v["statuses"] = ["ok"] * len(row["completions"])
             v["comparisons"] = comps
