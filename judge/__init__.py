@@ -4,7 +4,8 @@ A backend is any object with the `Judge` protocol. A failure is recorded as a fa
 completion), never coerced into a score or a label: pair selection only ever sees scores a judge really produced.
 
 Judges: `python` (a user's reward function), `reward_model` (a sequence-classification model), `llm` (a language
-model through any generator backend, pointwise or pairwise in both orders).
+model through any generator backend, pointwise or pairwise in both orders), `constitutional` (critique -> revise
+pairs, or CAI feedback soft labels from log-probs).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class Verdict(TypedDict):
     raw: NotRequired[list[Any]]  # llm: per completion, every answer the judge gave (kept for failures too)
     details: NotRequired[list[Any]]  # llm pointwise: per completion, the text score and verdict probabilities
     comparisons: NotRequired[list[dict[str, Any]]]  # llm pairwise: every match, both orders (see judge/llm.py)
+    completions: NotRequired[list[dict[str, Any]]]  # constitutional revise: the row's completions + the revision
+    revision: NotRequired[dict[str, Any]]  # constitutional revise: the critique -> revision chain
 
 
 class Judge(Protocol):
@@ -33,7 +36,7 @@ class Judge(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("python", "reward_model", "llm")
+BACKENDS = ("python", "reward_model", "llm", "constitutional")
 
 
 def load_judge(kind: str, **options: Any) -> Judge:
@@ -56,4 +59,17 @@ def load_judge(kind: str, **options: Any) -> Judge:
         generator = load_generator(options.pop("backend"), options.pop("model"), adapter=options.pop("adapter"),
                                    **options.pop("backend_options"))
         return LLMJudge(generator, **options)
+    if kind == "constitutional":
+        from prefloop.gen import load_generator
+        from prefloop.judge.constitutional import ConstitutionalJudge
+
+        generator = load_generator(options.pop("backend"), options.pop("model"), adapter=options.pop("adapter"),
+                                   **options.pop("backend_options"))
+        verifier = options.pop("verifier", None)
+        try:
+            verifier = load_judge(verifier.pop("judge"), **verifier) if verifier else None
+        except BaseException:
+            generator.close()
+            raise
+        return ConstitutionalJudge(generator, verifier=verifier, **options)
     raise ValueError(f"unknown judge {kind!r}; choose one of: {', '.join(BACKENDS)}")

@@ -30,6 +30,7 @@ else from the text (p = 1).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from prefloop.gen import Sampling, encode_prompt
@@ -63,16 +64,6 @@ class LLMJudge:
             return messages(self.template, text)
         return (self.template.system + "\n\n" if self.template.system else "") + text
 
-    def _too_long(self, judge_input: Any) -> str | None:
-        tokenizer, context = getattr(self.generator, "tokenizer", None), getattr(self.generator, "max_context", None)
-        if tokenizer is None or not context:
-            return None  # a server: it refuses an over-long request itself, and that request fails alone
-        length = len(encode_prompt(tokenizer, judge_input, self.generator.name))
-        if length + self.max_new_tokens > context:
-            return (f"the judge prompt has {length} tokens; with max_new_tokens={self.max_new_tokens} the judge's "
-                    f"context of {context} fits at most {max(context - self.max_new_tokens, 0)}")
-        return None
-
     def ask(self, texts: list[str]) -> list[dict[str, Any]]:
         """One answer per rendered instruction: {value, status, error, raw: [every attempt's text], probs}."""
         inputs = [self._judge_input(t) for t in texts]
@@ -81,7 +72,7 @@ class LLMJudge:
         ]
         pending = []
         for i, judge_input in enumerate(inputs):
-            reason = self._too_long(judge_input)
+            reason = too_long(self.generator, judge_input, self.max_new_tokens)
             if reason:
                 answers[i]["error"] = reason
             else:
@@ -108,24 +99,12 @@ class LLMJudge:
         return answers
 
     def _complete(self, inputs: list[Any], attempt: int) -> list[dict[str, Any] | None]:
-        """Completions for `inputs` at `attempt`, from the cache where possible; successes go into the cache."""
-        keys = [JudgeCache.key(x, attempt) for x in inputs]
-        out: list[dict[str, Any] | None] = [self.cache.get(k) if self.cache else None for k in keys]
-        missing = [i for i, c in enumerate(out) if c is None]
-        if missing:
-            temperature = self.temperature if attempt == 0 else max(self.temperature, self.retry_temperature)
-            sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=temperature,
-                                seed=(self.seed + 1_000_003 * attempt) % 2**31, top_logprobs=self.top_logprobs)
-            results = self.generator.generate([inputs[i] for i in missing], n=1, sampling=sampling)
-            self.calls += len(missing)
-            for i, result in zip(missing, results, strict=True):
-                completion = result[0] if result else None
-                out[i] = completion
-                if completion is not None and self.cache is not None:
-                    if parse(self.template, completion["text"])[1] == "ok":
-                        self.cache.put(keys[i], completion)
-            if self.cache is not None:
-                self.cache.flush()
+        temperature = self.temperature if attempt == 0 else max(self.temperature, self.retry_temperature)
+        sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=temperature,
+                            seed=(self.seed + 1_000_003 * attempt) % 2**31, top_logprobs=self.top_logprobs)
+        out, sent = complete(self.generator, inputs, sampling, self.cache,
+                             keep=lambda c: parse(self.template, c["text"])[1] == "ok", key=attempt)
+        self.calls += sent
         return out
 
     # -- judging -----------------------------------------------------------------------------------------------
@@ -200,3 +179,35 @@ class LLMJudge:
 def _empty(n: int) -> Verdict:
     return {"scores": [None] * n, "statuses": ["error"] * n, "errors": [None] * n, "raw": [None] * n,
             "details": [None] * n}
+
+
+def too_long(generator, judge_input: Any, max_new_tokens: int) -> str | None:
+    """Why `judge_input` cannot fit the judge model's context with `max_new_tokens`, or None. Checked per input
+    before sending, so one over-long input fails alone (local backends refuse a whole call otherwise)."""
+    tokenizer, context = getattr(generator, "tokenizer", None), getattr(generator, "max_context", None)
+    if tokenizer is None or not context:
+        return None  # a server: it refuses an over-long request itself, and that request fails alone
+    length = len(encode_prompt(tokenizer, judge_input, generator.name))
+    if length + max_new_tokens > context:
+        return (f"the judge prompt has {length} tokens; with max_new_tokens={max_new_tokens} the judge's "
+                f"context of {context} fits at most {max(context - max_new_tokens, 0)}")
+    return None
+
+
+def complete(generator, inputs: list[Any], sampling: Sampling, cache: JudgeCache | None,
+             keep: Callable[[dict[str, Any]], bool] = lambda c: True, key: Any = None,
+             ) -> tuple[list[dict[str, Any] | None], int]:
+    """One completion per input (None where the backend failed it), from `cache` where possible; completions
+    that pass `keep` are cached under (input, `key`, sampling). Returns them and the number of requests sent."""
+    keys = [JudgeCache.key(x, key, sampling.__dict__) for x in inputs]
+    out: list[dict[str, Any] | None] = [cache.get(k) if cache else None for k in keys]
+    missing = [i for i, c in enumerate(out) if c is None]
+    if missing:
+        results = generator.generate([inputs[i] for i in missing], n=1, sampling=sampling)
+        for i, result in zip(missing, results, strict=True):
+            out[i] = result[0] if result else None
+            if out[i] is not None and cache is not None and keep(out[i]):
+                cache.put(keys[i], out[i])
+        if cache is not None:
+            cache.flush()
+    return out, len(missing)

@@ -122,8 +122,8 @@ def select_comparisons(
     completions = judgment["completions"]
     decided = []
     for c in judgment["comparisons"]:
-        if c["status"] == "tie":
-            drops["tie"] += 1
+        if c["status"] in ("tie", "low_confidence", "verifier_rejected"):
+            drops[c["status"]] += 1
         elif c["status"] != "ok" or c.get("winner") is None:
             drops["judge_failed"] += 1
         else:

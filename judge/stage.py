@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefloop.config import ConfigError, config_hash, field, hashed_dict
+from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict
 from prefloop.gen import BACKENDS as GEN_BACKENDS
 from prefloop.gen import resolve_backend
 from prefloop.judge import BACKENDS, Judge, load_judge
 from prefloop.judge.cache import JudgeCache, fingerprint, resolve_dir
+from prefloop.judge.constitution import load_constitution
 from prefloop.judge.stats import FAILURES, judge_stats
 from prefloop.judge.templates import Template, load_template
 from prefloop.progress import Progress
@@ -52,10 +53,23 @@ class JudgeConfig:
         "the current policy judges its own samples (self-rewarding).")
     judge_adapter: str | None = field(None, help="llm: a LoRA adapter on top of --judge-model.")
     judge_backend: str = field("hf", help="llm: generation backend of the judge: hf, vllm, openai, auto.")
-    mode: str = field("pairwise", help="llm: pairwise (both orders, knockout tournament) or pointwise (a rating).")
+    mode: str | None = field(None, help="llm: pairwise (both orders, knockout; the default) or pointwise (a "
+                             "rating); constitutional: revise (the default) or feedback.")
     template: str | None = field(None, help="llm: built-in template name or a YAML file (default: the mode's).")
     template_sha256: str | None = field(None, help="(derived) hash of the template's text.", cli=False)
-    judge_max_new_tokens: int = field(512, help="llm: longest judge answer in tokens.")
+    # constitutional
+    constitution: str | None = field(None, help="constitutional: a built-in name (harmless, helpful_honest) or a "
+                                     "YAML/JSON file (prefloop's schema or the HF CAI recipe's layout).")
+    constitution_sha256: str | None = field(None, help="(derived) hash of the constitution's text.", cli=False)
+    revisions: int = field(1, help="constitutional revise: critique -> revision passes per answer.")
+    verifier: dict = field({}, help="constitutional revise: a judge that must prefer the revision to the original, "
+                           "e.g. {judge: reward_model, reward_model: PATH}; others are dropped.")
+    principles_per_comparison: int = field(1, help="constitutional feedback: principles averaged per comparison.")
+    cot: bool = field(False, help="constitutional feedback: reason step by step before the (A)/(B) answer.")
+    cot_clamp: list[float] = field([0.4, 0.6], help="constitutional feedback with cot: clamp each probability "
+                                   "to this band (as the CAI paper did).")
+    min_confidence: float = field(0.5, help="constitutional feedback: drop comparisons whose p_chosen is lower.")
+    judge_max_new_tokens: int = field(512, help="llm / constitutional: longest judge answer in tokens.")
     judge_temperature: float = field(0.0, help="llm: judge sampling temperature (0 = greedy).")
     top_logprobs: int = field(5, help="llm: read verdict probabilities from this many top log-probs (0: text only).")
     parse_retries: int = field(2, help="llm: ask again this many times when an answer has no verdict.")
@@ -81,7 +95,11 @@ class JudgeConfig:
             raise ConfigError("--judge python needs --reward-fn FILE.py:function (or module:function).")
         if self.judge == "reward_model" and not self.reward_model:
             raise ConfigError("--judge reward_model needs --reward-model PATH (a sequence-classification model).")
-        if self.judge == "llm":
+        if self.judge in ("llm", "constitutional"):
+            modes = ("pairwise", "pointwise") if self.judge == "llm" else ("revise", "feedback")
+            self.mode = self.mode or modes[0]
+            if self.mode not in modes:
+                raise ConfigError(f"--judge {self.judge} --mode {self.mode!r}. Fix: use one of {', '.join(modes)}.")
             if not self.judge_model:
                 raise ConfigError("--judge llm needs --judge-model (a model path, hub id, or server model name).")
             if self.judge_backend not in GEN_BACKENDS:
@@ -91,9 +109,25 @@ class JudgeConfig:
             if self.parse_retries < 0 or self.top_logprobs < 0 or self.judge_max_new_tokens < 1:
                 raise ConfigError("need parse_retries >= 0, top_logprobs >= 0 and judge_max_new_tokens >= 1.")
             try:
-                self.template_sha256 = self.load_template().sha256
+                if self.judge == "llm":
+                    self.template_sha256 = self.load_template().sha256
+                else:
+                    if not self.constitution:
+                        raise ValueError("--judge constitutional needs --constitution NAME|FILE (e.g. harmless).")
+                    self.constitution_sha256 = load_constitution(self.constitution).sha256
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(str(e)) from None
+            if len(self.cot_clamp) != 2 or not 0 <= self.cot_clamp[0] <= 0.5 <= self.cot_clamp[1] <= 1:
+                raise ConfigError("cot_clamp must be two probabilities around 0.5, e.g. [0.4, 0.6].")
+            if self.verifier and self.judge == "constitutional":
+                self.verifier_config()  # fails now on a bad verifier, not after the revisions
+
+    def verifier_config(self) -> JudgeConfig:
+        values = {"candidates": self.candidates, "out": self.out, "cache": self.cache, "dtype": self.dtype,
+                  **self.verifier}
+        if values.get("judge") == "constitutional":
+            raise ConfigError("verifier: a constitutional judge cannot verify itself. Fix: use reward_model or llm.")
+        return from_dict(JudgeConfig, values, "verifier")
 
     def load_template(self) -> Template:
         return load_template(self.template, self.mode)
@@ -107,6 +141,15 @@ class JudgeConfig:
                       judge_adapter=fingerprint(self.judge_adapter), dtype=self.dtype)
         return values
 
+    def _backend_options(self, backend: str) -> dict[str, Any]:
+        if backend == "openai":
+            options = {"base_url": self.base_url, "api_key_env": self.api_key_env}
+        elif backend == "hf":
+            options = {"dtype": self.dtype, "batch_size": min(self.batch_size, 64)}
+        else:
+            options = {"dtype": self.dtype}
+        return {**options, **self.judge_engine}
+
     def judge_options(self) -> dict[str, Any]:
         if self.judge == "python":
             return {"reward_fn": self.reward_fn, "batch_size": self.batch_size}
@@ -117,15 +160,21 @@ class JudgeConfig:
                     "output": self.rm_output, "template": self.rm_template, "max_length": self.max_length,
                     "cache": cache}
         backend = resolve_backend(self.judge_backend)
-        if backend == "openai":
-            backend_options = {"base_url": self.base_url, "api_key_env": self.api_key_env}
-        elif backend == "hf":
-            backend_options = {"dtype": self.dtype, "batch_size": min(self.batch_size, 64)}
-        else:
-            backend_options = {"dtype": self.dtype}
-        backend_options.update(self.judge_engine)
+        if self.judge == "constitutional":
+            verifier = self.verifier_config() if self.verifier else None
+            return {"backend": backend, "model": self.judge_model, "adapter": self.judge_adapter,
+                    "backend_options": self._backend_options(backend),
+                    "constitution": load_constitution(self.constitution), "mode": self.mode,
+                    "revisions": self.revisions, "max_new_tokens": self.judge_max_new_tokens,
+                    "temperature": self.judge_temperature, "seed": self.seed,
+                    "principles_per_comparison": self.principles_per_comparison, "cot": self.cot,
+                    "cot_clamp": tuple(self.cot_clamp), "min_confidence": self.min_confidence,
+                    "top_logprobs": max(self.top_logprobs, 20), "cache": cache,
+                    "verifier": {"judge": verifier.judge, **verifier.judge_options()} if verifier else None,
+                    "info": {"engine": backend, "model": self.judge_model, "adapter": self.judge_adapter,
+                             "mode": self.mode, "constitution": self.constitution}}
         return {"backend": backend, "model": self.judge_model, "adapter": self.judge_adapter,
-                "backend_options": backend_options, "template": self.load_template(),
+                "backend_options": self._backend_options(backend), "template": self.load_template(),
                 "max_new_tokens": self.judge_max_new_tokens, "temperature": self.judge_temperature,
                 "top_logprobs": self.top_logprobs, "parse_retries": self.parse_retries,
                 "retry_temperature": self.retry_temperature, "seed": self.seed, "chat": self.judge_chat,
@@ -219,19 +268,21 @@ def _load(config: JudgeConfig) -> Judge:
 
 
 def _first_label(config: JudgeConfig) -> str:
-    return config.load_template().labels[0] if config.judge == "llm" and config.mode == "pairwise" else "A"
+    if config.judge == "llm" and config.mode == "pairwise":
+        return config.load_template().labels[0]
+    return "A"
 
 
 def _judgment(row: dict[str, Any], verdict: dict[str, Any], judge: Judge, chash: str) -> dict[str, Any]:
     comparisons = verdict.get("comparisons")
     if comparisons is not None:
-        bad = [c["status"] for c in comparisons if c["status"] not in ("ok", "tie")]
+        bad = [c["status"] for c in comparisons if c["status"] in FAILURES]
     else:
         bad = [s for s in verdict["statuses"] if s != "ok"]
     record = {
         "id": row["id"],
         "prompt": row["prompt"],
-        "completions": row["completions"],
+        "completions": verdict.get("completions", row["completions"]),  # a reviser adds its revision
         "judge": judge.name,
         "scores": verdict["scores"],
         "statuses": verdict["statuses"],
@@ -242,7 +293,7 @@ def _judgment(row: dict[str, Any], verdict: dict[str, Any], judge: Judge, chash:
         "round": row.get("round", 0),
         "config_hash": chash,
     }
-    for key in ("comparisons", "raw", "details"):
+    for key in ("comparisons", "raw", "details", "revision"):
         if verdict.get(key) is not None:
             record[key] = verdict[key]
     if getattr(judge, "info", None):

@@ -59,6 +59,7 @@ def judge_stats(judgments: Iterable[dict[str, Any]], first_label: str = "A") -> 
             "tie_rate": _rate(comparisons["tie"], total),
             **{f"{f}_rate": _rate(comparisons[f], total) for f in FAILURES},
             "p_source": dict(p_sources),
+            "comparison_statuses": dict(comparisons),  # incl. low_confidence, verifier_rejected (constitutional)
         }
     total = sum(statuses.values())
     return {

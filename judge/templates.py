@@ -35,7 +35,7 @@ _REFUSAL = re.compile(
     r"\b(I can(?:no|'|’)?t|I won(?:'|’)t|I'm sorry|I’m sorry|I am sorry|I apologi[sz]e|as an AI)\b", re.IGNORECASE
 )
 # Characters around a verdict token that are not part of it ("[[A", " B", "4" after "Score: ").
-_TOKEN_JUNK = " \t\n\r[]()*:\"'.▁Ġ"
+TOKEN_JUNK = " \t\n\r[]()*:\"'.▁Ġ"
 
 
 @dataclass(frozen=True)
@@ -186,13 +186,13 @@ def verdict_probabilities(template: Template, completion: dict[str, Any], value:
     target = str(value)
     # The verdict is the answer's last line, so its token is the last one that reads as the parsed value.
     for i in range(len(tokens) - 1, -1, -1):
-        if tokens[i].strip(_TOKEN_JUNK) == target:
+        if tokens[i].strip(TOKEN_JUNK) == target:
             break
     else:
         return None
     mass = dict.fromkeys(valid, 0.0)
     for alternative, logprob in tops[i].items():
-        key = alternative.strip(_TOKEN_JUNK)
+        key = alternative.strip(TOKEN_JUNK)
         if template.mode == "pairwise":
             key = key.upper()
         if key in mass:

@@ -67,6 +67,7 @@ class LoopConfig:
     eval: dict = field(
         {"temperature": 0.0, "n": 1}, help="Generation settings for held-out eval (default greedy, one answer)."
     )
+    eval_judge: dict = field({}, help="Judge settings for held-out eval, over `judge`'s (default: the same judge).")
 
     def __post_init__(self) -> None:
         if self.init not in ("previous", "base"):
@@ -91,6 +92,12 @@ class LoopConfig:
         self.stage_config("pairs", 1, {})
         self.stage_config("train", 1, {})
         self.stage_config("generate", 1, {**self.gen, **self.eval})
+        evaluator = self.stage_config("judge", 1, self.eval_judge)
+        if self.eval_prompts and evaluator.judge == "constitutional" and evaluator.mode == "revise":
+            raise ConfigError(
+                "held-out eval cannot use a constitutional reviser (it rewrites answers, it does not score them). "
+                "Fix: set eval_judge, e.g. {judge: constitutional, mode: feedback} or {judge: reward_model, ...}."
+            )
 
     def stage_config(self, stage: str, k: int, settings: dict[str, Any], **paths: Any) -> Any:
         """The dataclass config of `stage` in round `k`: the loop's settings plus the round's paths."""
@@ -279,8 +286,8 @@ def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: dict[str, 
         # A self-rewarding judge scores the held-out answers as the initial model: one fixed judge for every round.
         initial = {"model": config.model, "adapter": None}
         judge_cfg = config.stage_config("judge", k, _judge_settings(config, initial, {
-            "candidates": str(candidates), "out": str(round_dir / "eval_judgments.jsonl")}))
-        if judge_cfg.judge == "llm" and judge_cfg.mode == "pairwise":
+            **config.eval_judge, "candidates": str(candidates), "out": str(round_dir / "eval_judgments.jsonl")}))
+        if (judge_cfg.judge, judge_cfg.mode) in (("llm", "pairwise"), ("constitutional", "feedback")):
             return _pairwise_eval(config, judge_cfg, k, candidates, round_dir)
         judgments = judge(judge_cfg)
         return judgments, _eval_summary(judgments)
@@ -366,8 +373,9 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
 
 def _uses_vllm(config: LoopConfig) -> bool:
     backends = [s.get("backend", "hf") for s in (config.gen, {**config.gen, **config.eval})]
-    if config.judge.get("judge") == "llm":
-        backends.append(config.judge.get("judge_backend", "hf"))
+    for judge_settings in (config.judge, {**config.judge, **config.eval_judge}):
+        if judge_settings.get("judge") in ("llm", "constitutional"):
+            backends.append(judge_settings.get("judge_backend", "hf"))
     return any(resolve_backend(b) == "vllm" for b in backends)
 
 
