@@ -31,6 +31,10 @@ class Sampling:
     # ({token text: log-prob}). Judges read verdict probabilities from these; a server that does not return them
     # simply leaves the fields out (the judge then falls back to the verdict's text).
     top_logprobs: int = 0
+    # Token texts whose log-probs to add to `top_logprobs` at every step even when outside the top k (e.g. the
+    # options "A" and "B" of a multiple-choice judge). Exact on `hf`, which reads them from the logits; servers
+    # and vLLM return only their top k, so there they count when they are among it.
+    logprobs_for: tuple[str, ...] = ()
 
 
 class GenerationAborted(RuntimeError):

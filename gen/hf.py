@@ -87,6 +87,7 @@ class HFGenerator:
         self._top_k = gen_config.top_k or 0
         text_config = self.model.config.get_text_config()
         self.max_context: int | None = getattr(text_config, "max_position_embeddings", None)
+        self._id_cache: dict[tuple[str, ...], list[int]] = {}
         # Tokens actually decoded so far (greedy copies count once), for the stage's tokens/s.
         self.tokens_generated = 0
 
@@ -154,7 +155,9 @@ class HFGenerator:
         )
         if not greedy:
             options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=self._top_k)
-        capture = _Capture(sampling.top_logprobs) if sampling.logprobs or sampling.top_logprobs else None
+        capture = None
+        if sampling.logprobs or sampling.top_logprobs:
+            capture = _Capture(sampling.top_logprobs, self._ids_of(sampling.logprobs_for))
         if sampling.stop:  # lets generate end a row early; the cut itself is made in `_completion`
             options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         # One seed per call: the stage passes a seed per chunk, so a chunk regenerated on resume is the same sample.
@@ -202,9 +205,22 @@ class HFGenerator:
             decode = self._token_text
             completion["tokens"] = [decode(t) for t in tokens[:count]]
             completion["top_logprobs"] = [
-                merge_alternatives((decode(t), lp) for t, lp in zip(ids, lps, strict=True))
+                # dict(zip(...)) first: an id both in the top k and asked for by `logprobs_for` counts once.
+                merge_alternatives((decode(t), lp) for t, lp in dict(zip(ids, lps, strict=True)).items())
                 for ids, lps in zip(steps.top_ids[row][:count], steps.top_values[row][:count], strict=True)
             ]
+
+    def _ids_of(self, texts: tuple[str, ...]) -> list[int]:
+        """Every vocabulary id whose text, stripped of spaces and brackets, is one of `texts` ("A" and " A")."""
+        if not texts:
+            return []
+        key = tuple(texts)
+        if key not in self._id_cache:
+            wanted = set(texts)
+            junk = " \t\n\r[]()*:\"'.▁Ġ"
+            self._id_cache[key] = [i for i in range(len(self.tokenizer))
+                                   if self.tokenizer.decode([i]).strip(junk) in wanted]
+        return self._id_cache[key]
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -234,8 +250,8 @@ class _Capture(LogitsProcessor):
     [rows, vocab] logits at once, gigabytes for a real vocabulary and a long answer.
     """
 
-    def __init__(self, top_k: int) -> None:
-        self.top_k = top_k
+    def __init__(self, top_k: int, extra_ids: list[int] | None = None) -> None:
+        self.top_k, self.extra = top_k, torch.tensor(extra_ids or [], dtype=torch.long)
         self.reset()
 
     def reset(self) -> None:
@@ -249,6 +265,9 @@ class _Capture(LogitsProcessor):
         logprobs = scores.float().log_softmax(-1)
         if self.top_k:
             values, ids = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
+            if len(self.extra):  # the asked-for tokens too (a token in both is merged by its text later)
+                extra = self.extra.to(logprobs.device).expand(logprobs.shape[0], -1)
+                values, ids = torch.cat([values, logprobs.gather(-1, extra)], -1), torch.cat([ids, extra], -1)
             self.top.append((values.cpu(), ids.cpu()))
         self.previous = logprobs
         return scores

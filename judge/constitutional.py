@@ -264,7 +264,9 @@ class ConstitutionalJudge:
             for i, t in enumerate(thoughts):
                 reasoning[i] = None if t is None else t["text"]
                 prefix[i] = f"{COT_PREFIX}{reasoning[i] or ''}\nSo the answer is: ("
-        one = Sampling(max_new_tokens=1, temperature=0.0, top_logprobs=self.top_logprobs, seed=self.seed)
+        # hf reads "A" and "B" straight from the logits; vLLM and servers return them when among the top k.
+        one = Sampling(max_new_tokens=1, temperature=0.0, top_logprobs=self.top_logprobs, seed=self.seed,
+                       logprobs_for=OPTIONS)
         final = self._generate([q + [{"role": "assistant", "content": p}] for q, p in zip(questions, prefix,
                                                                                         strict=True)], one)
         return [(option_probabilities(c), r) for c, r in zip(final, reasoning, strict=True)]

@@ -29,8 +29,8 @@ def workdir(tmp_path_factory) -> Path:
     return d
 
 
-def loop_config(workdir: Path, out: str, judge: dict, rounds: int = 1) -> LoopConfig:
-    return LoopConfig(
+def loop_config(workdir: Path, out: str, judge: dict, rounds: int = 1, **kw) -> LoopConfig:
+    return LoopConfig(**kw,
         out=str(workdir / out), model=str(workdir / "model"), prompts=str(workdir / "prompts.jsonl"),
         eval_prompts=str(workdir / "heldout.jsonl"), rounds=rounds, prompts_per_round=8,
         gen={"n": 3, "max_new_tokens": 4, "dtype": "float32"}, judge=judge, pairs={"keep_truncated": True},
@@ -123,3 +123,31 @@ def test_a_judge_prompt_too_long_for_the_model_fails_alone(tmp_path):
                          mode="pointwise", dtype="float32", cache="off")
     (row,) = read_records(run(config))
     assert row["statuses"] == ["error"] and "context of 128" in row["errors"][0]
+
+
+def test_constitutional_revisions_drive_a_loop_round(workdir):
+    """`prefloop run` with the constitutional reviser as its judge (the policy critiques and revises its own
+    answers) and a verifier function as the held-out judge: revision ≻ original pairs train the round."""
+    config = loop_config(workdir, "cai", {"judge": "constitutional", "constitution": "helpful_honest",
+                                          "judge_model": "policy", "judge_max_new_tokens": 8,
+                                          "judge_temperature": 1.0, "dtype": "float32"},
+                         eval_judge={"judge": "python", "reward_fn": "prefloop.addition:reward"})
+    root = run_loop(config)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "done"
+    pairs = read_records(root / "round_001" / "pairs.jsonl")
+    judgments = {j["id"]: j for j in read_records(root / "round_001" / "judgments.jsonl")}
+    assert pairs
+    for pair in pairs:
+        chain = judgments[pair["id"]]["revision"]
+        assert pair["chosen"] == chain["passes"][-1]["revision_response"]
+        assert pair["rejected"] == chain["init_response"]
+    assert "accuracy" in manifest["rounds"][1]["phases"]["eval"]["summary"]
+
+
+def test_a_constitutional_reviser_cannot_score_held_out_answers(workdir):
+    from prefloop.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_judge"):
+        loop_config(workdir, "cai-bad", {"judge": "constitutional", "constitution": "harmless",
+                                         "judge_model": "policy"})
