@@ -4,13 +4,12 @@ Nothing here downloads anything. The tokenizer is character level (one token per
 digit, which makes arithmetic learnable by a sub-million-parameter model), and it carries a small chat template
 so the same model exercises both prompt styles (raw text and messages).
 
-    python -m prefloop.tiny /tmp/tiny        # writes a randomly initialised model + tokenizer
+    python -m prefloop.tiny /tmp/tiny [--context 4096]   # writes a randomly initialised model + tokenizer
 """
 
 from __future__ import annotations
 
 import string
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +95,9 @@ def build_model(tokenizer, config: TinyConfig | None = None):
 def save_tiny(out_dir: str | Path, config: TinyConfig | None = None) -> Path:
     """Build a random tiny model + tokenizer and `save_pretrained` both into `out_dir` (loadable by path)."""
     out = Path(out_dir)
+    config = config or TinyConfig()
     tokenizer = build_tokenizer()
+    tokenizer.model_max_length = config.max_position_embeddings
     model = build_model(tokenizer, config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -104,5 +105,16 @@ def save_tiny(out_dir: str | Path, config: TinyConfig | None = None) -> Path:
     return out
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m prefloop.tiny", description="Build a random tiny model.")
+    parser.add_argument("out", nargs="?", default="tiny-model")
+    parser.add_argument("--context", type=int, default=TinyConfig.max_position_embeddings,
+                        help="max_position_embeddings (judge prompts need a few thousand)")
+    args = parser.parse_args(argv)
+    print(save_tiny(args.out, TinyConfig(max_position_embeddings=args.context)))
+
+
 if __name__ == "__main__":
-    print(save_tiny(sys.argv[1] if len(sys.argv) > 1 else "tiny-model"))
+    main()
