@@ -1,12 +1,12 @@
 """Reward-model scoring throughput: prefloop's scorer vs a batch-size-1 `pipeline` (the RLHFlow approach).
 
-    python bench/rm_throughput.py                    # ~25M-param Llama RM, 256 pairs of mixed lengths
-    python bench/rm_throughput.py --size tiny --pairs 1024
+    python bench/rm_throughput.py          # 3 cases: tiny and 25.8M RMs on demo-sized inputs, 25.8M on long ones
 
 Rows (pairs/s = (prompt, chosen, rejected) triples scored per wall second, model load excluded):
   pipeline bs=1    `transformers.pipeline("text-classification")`, one call per (prompt, response), in input
                    order: what RLHFlow's iterative-DPO scripts do
-  prefloop         `RewardModelJudge.score`: length-sorted, right-padded batches of `--batch-size` sequences
+  prefloop         `RewardModelJudge.score`: length-sorted, right-padded batches (up to `--batch-size`
+                   sequences and the judge's token budget per forward)
 
 Both score the same texts (the judge's own formatting, passed to the pipeline as strings) and the script checks
 their scores agree. Random weights built locally (no downloads): throughput does not depend on what the RM
@@ -50,11 +50,25 @@ def build_rm(out: Path, size: str) -> Path:
     return out
 
 
-def make_pairs(count: int, seed: int) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) with prompts of 8-200 and responses of 4-200 characters (= tokens)."""
+def make_pairs(count: int, seed: int, short: bool = False) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected): prompts of 8-200 and responses of 4-200 characters (= tokens), or, `short`,
+    the demo task's shape: "a+b=" and a 1-3 digit answer."""
     rng = random.Random(seed)
+    if short:
+        out = []
+        for _ in range(count):
+            a, b = rng.randrange(100), rng.randrange(100)
+            out.append((f"{a}+{b}=", str(a + b), str(a + b + rng.choice([-10, -1, 1, 10]))))
+        return out
     text = lambda lo, hi: "".join(rng.choices(string.ascii_letters + " ", k=rng.randint(lo, hi)))  # noqa: E731
     return [(text(8, 200), text(4, 200), text(4, 200)) for _ in range(count)]
+
+
+def first(result):
+    """The pipeline's one result for one text (it nests it in lists, depending on `top_k`)."""
+    while isinstance(result, list):
+        result = result[0]
+    return result
 
 
 def cpu_flags() -> str:
@@ -65,24 +79,18 @@ def cpu_flags() -> str:
     return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--pairs", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rm_throughput.json"))
-    args = parser.parse_args()
-
+def measure(size: str, count: int, short: bool, batch_size: int) -> dict:
+    """pairs/s of both scorers on one RM and one input set, measured back to back."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     from prefloop.judge.reward_model import RewardModelJudge
 
-    pairs = make_pairs(args.pairs, seed=0)
+    pairs = make_pairs(count, seed=0, short=short)
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_rm(Path(tmp) / "rm", args.size)
+        path = build_rm(Path(tmp) / "rm", size)
         params = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(path).parameters())
-        judge = RewardModelJudge(str(path), batch_size=args.batch_size, dtype="float32")
+        judge = RewardModelJudge(str(path), batch_size=batch_size, dtype="float32")
         prompts = [p for p, _, _ in pairs] * 2
         responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
         texts = [judge.text(p, r) for p, r in zip(prompts, responses, strict=True)]
@@ -98,26 +106,41 @@ def main() -> None:
         classify(texts[:2])  # warm-up
         start = time.perf_counter()
         # One call per text, as RLHFlow's scripts loop; the pipeline tokenizes with special tokens off, like us.
-        base = [classify(t, tokenizer_kwargs={"add_special_tokens": False})[0]["score"] for t in texts]
+        base = [first(classify(t, tokenizer_kwargs={"add_special_tokens": False}))["score"] for t in texts]
         base_s = time.perf_counter() - start
-
     diff = max(abs(a - b) for (a, _), b in zip(ours, base, strict=True))
     if diff > 1e-3:
         sys.exit(f"scores disagree (max |diff| = {diff:.2e}): the comparison would not be fair")
-    rows = [("pipeline bs=1 (RLHFlow)", base_s), (f"prefloop (batch {args.batch_size})", ours_s)]
-    print(f"\nreward model: {params / 1e6:.1f}M params ({args.size}), {args.pairs} pairs "
-          f"({2 * args.pairs} sequences), {torch.get_num_threads()} threads; scores agree within {diff:.1e}\n")
-    print("| scorer | pairs/s | vs pipeline |\n| --- | --- | --- |")
-    for name, seconds in rows:
-        print(f"| {name} | {args.pairs / seconds:,.1f} | {base_s / seconds:.1f}x |")
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": {"cores": os.cpu_count(), "cpu_flags": cpu_flags(),
-                                                       "platform": platform.platform(),
-                                                       "torch_threads": torch.get_num_threads()},
-        "model": {"size": args.size, "params": params}, "pairs": args.pairs, "batch_size": args.batch_size,
-        "pairs_per_s": {"pipeline_bs1": round(args.pairs / base_s, 2), "prefloop": round(args.pairs / ours_s, 2)},
-        "speedup": round(base_s / ours_s, 2), "max_score_diff": diff,
-    }
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return {"model": size, "params": params, "inputs": "demo sums (~10 tokens)" if short else "10-400 tokens",
+            "pairs": count, "mean_tokens": round(tokens / len(texts), 1),
+            "pairs_per_s": {"pipeline_bs1": round(count / base_s, 2), "prefloop": round(count / ours_s, 2)},
+            "speedup": round(base_s / ours_s, 2), "max_score_diff": diff}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=128, help="pairs in the long-input case (x8 for short)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rm_throughput.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    runs = [measure("tiny", 8 * args.pairs, True, args.batch_size),
+            measure("small", 8 * args.pairs, True, args.batch_size),
+            measure("small", args.pairs, False, args.batch_size)]
+    print(f"\n{os.cpu_count()} cores, {torch.get_num_threads()} torch threads; scores agree within "
+          f"{max(r['max_score_diff'] for r in runs):.1e}\n")
+    print("| reward model | inputs | pairs | pipeline bs=1 pairs/s | prefloop pairs/s | speedup |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in runs:
+        print(f"| {r['params'] / 1e6:.1f}M ({r['model']}) | {r['inputs']} | {r['pairs']} | "
+              f"{r['pairs_per_s']['pipeline_bs1']:,.1f} | {r['pairs_per_s']['prefloop']:,.1f} | {r['speedup']:.1f}x |")
+    result = {"date": time.strftime("%Y-%m-%d"),
+              "machine": {"cores": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
+                          "torch_threads": torch.get_num_threads()},
+              "batch_size": args.batch_size, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -9,7 +9,8 @@
   response as the assistant turn; a string prompt becomes a user message), or as raw text `prompt + response +
   EOS` (`raw`, exactly as TRL's `RewardTrainer` formats standard pairs); `auto` uses the template when the
   tokenizer has one.
-- Sequences are sorted by length and batched (`batch_size` per forward), padded on the right with the
+- Sequences are sorted by length and batched (up to `batch_size` sequences and `max_batch_tokens` padded
+  tokens per forward), padded on the right with the
   tokenizer's pad token (eos when it has none), and the model's `pad_token_id` is set to match, so the score is
   read at each sequence's last real token: a score does not depend on what it was batched with.
 - A sequence longer than the model's context is an `error` with the reason (never silently truncated, which
@@ -38,7 +39,8 @@ class RewardModelJudge:
     """See module docstring. `score` is the engine; `judge` maps it over candidates records."""
 
     def __init__(self, model: str, batch_size: int = 32, dtype: str = "auto", device: str = "auto",
-                 output: str = "0", template: str = "auto", max_length: int | None = None) -> None:
+                 output: str = "0", template: str = "auto", max_length: int | None = None,
+                 max_batch_tokens: int | None = None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if template not in TEMPLATES:
@@ -47,6 +49,10 @@ class RewardModelJudge:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
         self.device = resolve_device(device)
+        # Padded tokens per forward. On a CPU the forward is compute-bound and big activations fall out of cache:
+        # measured on 2 cores (25.8M RM, 10-400 token inputs) 4 sequences per batch beat 1 by 1.2x and 32 lost
+        # to 1 by 1.3x, so CPU batches stop near 2k tokens; short inputs still batch `batch_size` at a time.
+        self.max_batch_tokens = max_batch_tokens or (32768 if self.device.type == "cuda" else 2048)
         self.dtype, reason = resolve_dtype(dtype, self.device)
         log.info("reward model: device=%s dtype=%s (%s)", self.device, str(self.dtype).removeprefix("torch."), reason)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -98,8 +104,15 @@ class RewardModelJudge:
                 fits.append(i)
         fits.sort(key=lambda i: len(encoded[i]))  # similar lengths per batch: little padding
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(fits), self.batch_size):
-            batch = fits[start : start + self.batch_size]
+        batches, start = [], 0
+        while start < len(fits):  # sorted by length: the padded size of a batch is its last row's length
+            end = start + 1
+            while (end < len(fits) and end - start < self.batch_size
+                   and (end - start + 1) * len(encoded[fits[end]]) <= self.max_batch_tokens):
+                end += 1
+            batches.append(fits[start:end])
+            start = end
+        for batch in batches:
             width = max(len(encoded[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)

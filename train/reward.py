@@ -8,9 +8,8 @@ prefloop's (TRL's) preference format, standard or conversational, as `prefloop p
 EOS to standard-format texts, and `RewardModelJudge` scores raw text the same way, so training and judging read
 the score at the same token.
 
-`train_addition_rm` builds the tiny reward model the tests and `bench/rm_throughput.py` use, with no downloads:
-the demo's tiny Llama taught some addition (`prefloop.pretrain`), then trained to prefer correct sums over
-wrong ones from the addition task's train split.
+`train_addition_rm` builds the tiny reward model the tests use, with no downloads: the demo's tiny Llama taught
+addition (`prefloop.pretrain`), then trained to prefer correct sums over wrong ones from the train split.
 
 Failure semantics: the model is written to a temp dir beside `out` and renamed into place; a killed run leaves
 no half model (re-run to train again; RM training here is minutes, so it does not checkpoint).
@@ -116,22 +115,49 @@ def addition_pairs(n: int, seed: int, split: str = "train") -> list[dict]:
     return rows
 
 
-def train_addition_rm(out_dir: str | Path, seed: int = 0, pairs: int = 6000, epochs: float = 2.0,
-                      base: str | Path | None = None) -> Path:
-    """The tiny addition reward model: a backbone taught addition, then Bradley-Terry on correct vs wrong sums."""
+def stack_layers(lm_dir: str | Path, out: str | Path, extra: int = 2, seed: int = 0) -> Path:
+    """A sequence-classification model: the causal LM's layers plus `extra` fresh ones on top, which start as
+    the identity (their output projections are zero).
+
+    Why: an LM forms its prediction of the next token only at its last layer, so no layer is left to compare
+    that prediction with the token that actually follows -- which is what checking an answer takes. Fresh layers
+    on top can (measured on the addition RM: held-out accuracy 0.67 -> 0.79 at the same training budget).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
+
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    config = lm.config
+    layers = config.num_hidden_layers
+    config.num_hidden_layers, config.num_labels = layers + extra, 1
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    model.model.load_state_dict(lm.model.state_dict(), strict=False)  # the fresh layers stay as initialised
+    for layer in model.model.layers[layers:]:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(lm_dir).save_pretrained(out)
+    return Path(out)
+
+
+def train_addition_rm(out_dir: str | Path, seed: int = 0, pairs: int = 6000, epochs: float = 2.0) -> Path:
+    """The tiny addition reward model: an LM taught addition (to 90% on unseen train-split sums), two fresh
+    layers stacked on it (`stack_layers`), then Bradley-Terry on correct vs wrong sums. About 3.5 minutes on 2
+    cores; held-out pairwise accuracy 0.79 (near misses and random wrong sums, `addition_pairs`)."""
     from prefloop.pretrain import _few_threads, pretrain
 
     out = Path(out_dir)
     work = out.parent / f".{out.name}.build"
     work.mkdir(parents=True, exist_ok=True)
-    if base is None:
-        base = work / "backbone"
-        if not (base / "config.json").exists():
-            pretrain(base, seed=seed, stop_at_accuracy=0.9, log=log.info)
-    data = work / "pairs.jsonl"
-    data.write_text("".join(dumps(r) for r in addition_pairs(pairs, seed)))
+    lm = work / "lm"
+    if not (lm / "config.json").exists():
+        pretrain(lm, seed=seed, stop_at_accuracy=0.9, log=log.info)
     with _few_threads():
-        return run(RewardTrainConfig(model=str(base), pairs=str(data), out=str(out), lr=3e-4, epochs=epochs,
+        base = stack_layers(lm, work / "stacked", seed=seed)
+        data = work / "pairs.jsonl"
+        data.write_text("".join(dumps(r) for r in addition_pairs(pairs, seed)))
+        return run(RewardTrainConfig(model=str(base), pairs=str(data), out=str(out), lr=1e-3, epochs=epochs,
                                      batch_size=32, seed=seed, logging_steps=50))
 
 
