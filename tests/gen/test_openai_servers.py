@@ -212,6 +212,23 @@ def test_vllm_server_returns_top_logprobs(vllm_url, tiny_model):
 
 
 @pytest.mark.slow
+def test_vllm_server_continues_a_prefilled_assistant_message(vllm_url, tiny_model):
+    """A message list ending with an assistant message is continued, not answered anew (the CAI feedback stage
+    prefills "The answer is: ("): the server's next-token distribution is the model's after exactly the text
+    `encode_prompt` builds locally."""
+    from topk import check_top_logprobs
+
+    prefill = [{"role": "user", "content": "2+2=?"}, {"role": "assistant", "content": "The answer is: ("}]
+    gen = OpenAIGenerator(str(tiny_model), base_url=vllm_url)
+    out = gen.generate([prefill], n=1, sampling=Sampling(max_new_tokens=1, temperature=0.0, top_logprobs=5))
+    gen.close()
+    model, tokenizer = hf_model(tiny_model)
+    ids = encode_prompt(tokenizer, prefill)
+    assert tokenizer.decode(ids).endswith("assistant: The answer is: (")
+    assert check_top_logprobs(out[0], ids, model, tokenizer, 5, first_only=True) == 1
+
+
+@pytest.mark.slow
 def test_vllm_greedy_matches_the_hf_backend(vllm_url, tiny_model):
     """temperature 0 over HTTP gives the hf backend's greedy text, for raw and chat prompts alike."""
     served, local = greedy_served_and_local(vllm_url, tiny_model, n=2)
