@@ -175,9 +175,19 @@ def to_trl(judgment: dict[str, Any], chosen: tuple, rejected: tuple, pair_id: st
 
 
 def load_judgments(path: str | Path) -> list[dict[str, Any]]:
-    """Read a judgments file; `InputError` names file:line for a row that is not a judgment."""
+    """Read a judgments file; `InputError` names file:line for a row that is not a judgment, and refuses a file
+    that mixes text and message prompts (a TRL dataset is standard or conversational, not both)."""
     rows = []
+    first_of_style: dict[bool, int] = {}
     for lineno, judgment in iter_records(path):
+        style = isinstance(judgment.get("prompt"), list)
+        first_of_style.setdefault(style, lineno)
+        if len(first_of_style) == 2:
+            raise InputError(
+                f"{path}:{lineno}: mixes prompt styles: line {first_of_style[False]} has a text prompt and line "
+                f"{first_of_style[True]} a message list, and TRL trains on one style per dataset. Fix: generate "
+                "with --chat (every prompt as messages), or split the prompts by style into separate runs."
+            )
         for key in ("id", "prompt", "completions", "scores"):
             if key not in judgment:
                 raise InputError(f"{path}:{lineno}: missing `{key}`. Fix: pass a file written by `prefloop judge`.")

@@ -15,6 +15,7 @@ Every subcommand takes `--config file.yaml`; flags given on the command line win
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -89,9 +90,26 @@ def main(argv: list[str] | None = None) -> int:
             TimeoutError) as e:
         print(f"prefloop {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        # Records are appended whole and fsynced per chunk, so what is on disk is intact: free space (or fix the
+        # permissions) and re-run the same command to resume.
+        print(f"prefloop {args.command}: error: cannot write {e.filename or 'the output'}: {e.strerror} "
+              f"({DISK_ERRORS[e.errno]}). What was written before is intact; fix this and re-run the same command "
+              "to resume.", file=sys.stderr)
+        return 2
     if result is not None:
         print(result)
     return 0
+
+
+DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EACCES: "no permission to write there",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 def _dispatch(args: argparse.Namespace) -> Any:

@@ -14,6 +14,7 @@ Guarantees (each is tested in tests/prefloop/test_store.py and the kill tests):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -188,9 +189,12 @@ class JsonlStore:
         if rid in self.done:
             raise ValueError(f"{self.path}: id {rid!r} is already stored; refusing to write it twice")
         line = dumps(record).encode("utf-8")
-        written = self._f.write(line)
-        if written != len(line):  # a short write on a regular file means the disk is full or similar
-            raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
+        try:
+            written = self._f.write(line)
+        except OSError as e:  # name the file (a bare write error does not), keep errno for the CLI's message
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+        if written != len(line):  # a short write on a regular file means the disk is full; the next open cuts it
+            raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)", str(self.path))
         self.done.add(rid)
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
