@@ -131,7 +131,8 @@ def longer(prompts, completions, **columns):
 @pytest.mark.parametrize("prefer", ["shorter", "longer"])
 def test_a_verifier_drops_revisions_it_does_not_prefer(model, tmp_path, prefer):
     (tmp_path / "rewards.py").write_text(REWARD)
-    config = JudgeConfig(candidates=str(candidates(tmp_path / "c.jsonl")), out=str(tmp_path / "j.jsonl"),
+    text_rows = [r for r in ROWS if isinstance(r["prompt"], str)]  # one prompt style: pairs refuses a mix
+    config = JudgeConfig(candidates=str(candidates(tmp_path / "c.jsonl", text_rows)), out=str(tmp_path / "j.jsonl"),
                          judge="constitutional", constitution="helpful_honest", judge_model=str(model),
                          judge_max_new_tokens=40, judge_temperature=1.0, dtype="float32", cache="off",
                          verifier={"judge": "python", "reward_fn": f"{tmp_path / 'rewards.py'}:{prefer}"})
