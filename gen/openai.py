@@ -24,7 +24,9 @@ Failure semantics:
   Other 4xx are not retried. A prompt that still fails is `None` in the result (logged with its reason; the stage
   counts it and a re-run retries it).
 - Errors that would hit every prompt raise `GenerationAborted` with the prompts finished so far, after cancelling
-  the requests in flight: `insufficient_quota`, 401/403, 404 (unknown model or route), logprobs not returned.
+  the requests in flight: `insufficient_quota`, 401/403, 404 (unknown model or route), logprobs not returned, and
+  a server that still refuses connections when a prompt's retries run out (it went away: failing each prompt in
+  turn would only record an outage as failed prompts).
 - Replies with fewer than `n` choices (`transformers serve` ignores `n`) are topped up by more requests with new
   seeds; extra choices are dropped. Greedy (temperature 0) asks for one completion and copies it `n` times.
 - `num_tokens` is exact when the reply says (the count of token logprobs, or `usage.completion_tokens` of a
@@ -92,7 +94,10 @@ class OpenAIGenerator:
         self.endpoint, self.concurrency, self.timeout, self.max_retries = endpoint, concurrency, timeout, max_retries
         self.backoff_base = BACKOFF_BASE if backoff_base is None else backoff_base
         self.api_key_env = api_key_env
-        key = os.environ.get(api_key_env)
+        key = (os.environ.get(api_key_env) or "").strip()  # a key file read whole brings its newline along
+        if not key.isprintable():  # the HTTP library would refuse the header, quoting it (key and all) in its error
+            raise ValueError(f"${api_key_env} has a control character (a line break?) inside the key, which cannot "
+                             f"be sent. Fix: set {api_key_env} to the key alone.")
         if not key:
             if urlsplit(self.base_url).hostname == "api.openai.com":
                 raise ValueError(f"{self.base_url} needs an API key and ${api_key_env} is not set. "
@@ -283,6 +288,11 @@ class OpenAIGenerator:
             if action == "fail":
                 raise _Failed(reason)
             if retries >= self.max_retries:
+                if reason.startswith("server unreachable"):
+                    self._fatal = self._fatal or (
+                        f"{self.base_url} stopped answering ({reason}, after {retries} retries). Fix: restart the "
+                        "server (or check base_url), then re-run the same command to resume.")
+                    raise _Fatal(self._fatal)
                 raise _Failed(f"{reason}, after {retries} retries")
             retries += 1
             self._retries[reason.split(":")[0]] += 1
@@ -331,7 +341,11 @@ class OpenAIGenerator:
             return "retry", f"timeout: no reply within {self.timeout:g} s", None
         if isinstance(e, openai.APIConnectionError):
             cause = e.__cause__ or e
-            return "retry", f"connection error: {type(cause).__name__}: {self._scrub(cause, 120)}", None
+            # Not connected (nothing listens) vs dropped mid-request: only the first says the whole server is gone.
+            # By name: the SDK's HTTP library is httpx or its fork httpx2, depending on the SDK's version.
+            refused = any(c.__name__ == "ConnectError" for c in type(cause).__mro__)
+            kind = "server unreachable" if refused else "connection error"
+            return "retry", f"{kind}: {type(cause).__name__}: {self._scrub(cause, 120)}", None
         if isinstance(e, openai.APIStatusError):
             status, body = e.status_code, self._scrub(getattr(e, "message", e))
             if "insufficient_quota" in (e.code, e.type) or (status == 429 and "insufficient_quota" in body):

@@ -4,7 +4,10 @@
     prefloop generate --model M ... --backend vllm --engine-kwargs '{max_model_len: 4096}'
     prefloop generate --model M ... --backend openai --base-url http://127.0.0.1:8000/v1 --concurrency 32
 
-Failure semantics: prompts are validated whole before any model loads. Work proceeds in chunks of `chunk_size`
+Failure semantics: prompts are validated whole before any model loads, and checked against the model's context
+(local backends) before any generation: a prompt that cannot fit with `max_new_tokens` stops the stage naming its
+file:line, unless `skip_too_long` skips and counts it. A run that fails before writing its first record leaves no
+output or config behind, so the corrected command starts fresh. Work proceeds in chunks of `chunk_size`
 prompts (one backend call each); each chunk's records are written and fsynced before the next chunk starts, so a
 crash loses at most the chunk in flight. Re-running the same command resumes: ids already on disk are skipped and
 their records kept byte-for-byte. A prompt the backend reports as failed is not written (so a re-run retries it)
@@ -14,17 +17,18 @@ e.g. an exhausted API quota) writes the prompts that finished in its chunk, then
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefloop.config import ConfigError, field
-from prefloop.gen import BACKENDS, GenerationAborted, Sampling, load_generator, resolve_backend
+from prefloop.gen import BACKENDS, GenerationAborted, Sampling, encode_prompt, load_generator, resolve_backend
 from prefloop.progress import Progress
-from prefloop.records import load_prompts
+from prefloop.records import LoadedPrompts, load_prompts
 from prefloop.runstate import StageRun
-from prefloop.store import JsonlStore, parse_shard, shard_of
+from prefloop.store import InputError, JsonlStore, parse_shard, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,11 @@ class GenerateConfig:
     max_failed_fraction: float = field(
         0.1, help="Stop the stage when more than this fraction of prompts fail, instead of a thin dataset."
     )
+    # Opt-in: silently thinning a dataset is how evaluations drift, so by default a too-long prompt stops the stage.
+    skip_too_long: bool = field(
+        False, help="Skip prompts that cannot fit the model's context with max_new_tokens, counting them in the "
+        "summary as `skipped_too_long`, instead of stopping before any work (hf and vllm backends)."
+    )
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
 
     def __post_init__(self) -> None:
@@ -128,23 +137,59 @@ def run(config: GenerateConfig) -> Path:
         prompts = [p for p in prompts if shard_of(p["id"], shard[1]) == shard[0]]
 
     state = StageRun("generate", out, config)
-    if state.begin(config.new_run) == "done":
+    status = state.begin(config.new_run)
+    if status == "done":
         log.info("%s is complete (config %s); nothing to do", out, state.hash)
         return out
+    try:
+        return _generate(config, state, loaded, prompts)
+    except BaseException:
+        if status == "fresh" and not (out.exists() and out.stat().st_size > 0):
+            # Nothing was made with this config (a wrong --model, a too-long prompt, Ctrl-C while loading): forget
+            # it, so the corrected command starts fresh instead of being refused as config drift.
+            for path in (state.config_path, out):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+        raise
 
+
+def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, prompts: list[dict]) -> Path:
+    out = state.out
     with JsonlStore(out) as store:
         todo = [p for p in prompts if p["id"] not in store.done]
         resumed = len(prompts) - len(todo)
         if resumed:
             log.info("resuming %s: %d of %d prompts already on disk", out, resumed, len(prompts))
         failed_ids: list[str] = []
-        progress = Progress(len(prompts), "generate", initial=resumed)
-        generator = None
+        skipped: list[str] = []
+        generator = progress = None
         try:
             if todo:
                 backend = resolve_backend(config.backend)
                 options = config.backend_options(backend)
-                generator = load_generator(backend, config.model, config.adapter, **options)
+                try:
+                    generator = load_generator(backend, config.model, config.adapter, **options)
+                except (OSError, ValueError) as e:
+                    # A server's errors (openai) already name the URL and the fix; an OSError with an errno is real
+                    # I/O (a full disk, a permission), which the CLI names. transformers says "not found" this way.
+                    if backend == "openai" or (isinstance(e, OSError) and e.errno is not None):
+                        raise
+                    raise ConfigError(
+                        f"cannot load --model {config.model}"
+                        + (f" with --adapter {config.adapter}" if config.adapter else "")
+                        + f": {' '.join(str(e).split())} Fix: pass a model directory or a hub id (offline: one "
+                        "already in the cache)."
+                    ) from e
+                too_long = _too_long(generator, todo, config.max_new_tokens, loaded)
+                if too_long and not config.skip_too_long:
+                    raise InputError(_too_long_message(too_long, config, generator.max_context, loaded))
+                if too_long:
+                    skipped = [p["id"] for p, _ in too_long]
+                    log.warning("generate: skipped %d prompts too long for the context (skip_too_long), e.g. %s",
+                                len(skipped), ", ".join(map(repr, skipped[:5])))
+                    skip = set(skipped)
+                    todo = [p for p in todo if p["id"] not in skip]
+            progress = Progress(len(prompts) - len(skipped), "generate", initial=resumed)
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
                 sampling = config.sampling
@@ -183,7 +228,8 @@ def run(config: GenerateConfig) -> Path:
                         results,
                     )
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             if generator is not None:
                 generator.close()
 
@@ -191,9 +237,10 @@ def run(config: GenerateConfig) -> Path:
     state.finish(
         status,
         prompts=len(prompts),
-        written=len(prompts) - len(failed_ids),
+        written=len(prompts) - len(failed_ids) - len(skipped),
         resumed=resumed,
         failed=len(failed_ids),
+        skipped_too_long=len(skipped),
         duplicates_dropped=loaded.duplicates,
         tokens=progress.tokens,
         tokens_per_s=round(progress.tokens_per_s, 1),
@@ -201,6 +248,36 @@ def run(config: GenerateConfig) -> Path:
     if failed_ids:
         log.warning("generate: %d prompts failed and were not written; re-run to retry them", len(failed_ids))
     return out
+
+
+def _too_long(generator, prompts: list[dict], max_new_tokens: int, loaded: LoadedPrompts) -> list[tuple[dict, int]]:
+    """(prompt, its length in tokens) for each prompt that cannot fit the context with `max_new_tokens`. Only
+    backends that tokenize locally (hf, vllm) know; a server checks its own context and fails the prompt."""
+    tokenizer, context = getattr(generator, "tokenizer", None), getattr(generator, "max_context", None)
+    if tokenizer is None or not context:
+        return []
+    out = []
+    for p in prompts:
+        try:
+            length = len(encode_prompt(tokenizer, p["prompt"], generator.name))
+        except ValueError as e:  # e.g. message prompts for a tokenizer without a chat template
+            raise InputError(f"{loaded.locations.get(p['id'], p['id'])}: {e}") from None
+        if length > context - max_new_tokens:
+            out.append((p, length))
+    return out
+
+
+def _too_long_message(too_long: list[tuple[dict, int]], config: GenerateConfig, context: int,
+                      loaded: LoadedPrompts) -> str:
+    (first, length), more = too_long[0], len(too_long) - 1
+    where = loaded.locations.get(first["id"], config.prompts)
+    others = f" ({more} more prompt{'s' * (more > 1)} too long as well)" if more else ""
+    return (
+        f"{where}: prompt {first['id']!r} is {length} tokens long, but the model's context of {context} tokens with "
+        f"max_new_tokens={config.max_new_tokens} fits prompts of at most {max(context - config.max_new_tokens, 0)} "
+        f"tokens{others}. Nothing was generated. Fix: shorten or drop it, lower --max-new-tokens, or pass "
+        "--skip-too-long to skip such prompts (counted in the summary as `skipped_too_long`)."
+    )
 
 
 def _candidate(prompt: dict, completions: list, model_name: str, config: GenerateConfig, chash: str) -> dict:

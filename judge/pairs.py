@@ -22,6 +22,8 @@ plain-text prompts.
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -191,11 +193,26 @@ def load_judgments(path: str | Path) -> list[dict[str, Any]]:
         for key in ("id", "prompt", "completions", "scores"):
             if key not in judgment:
                 raise InputError(f"{path}:{lineno}: missing `{key}`. Fix: pass a file written by `prefloop judge`.")
-        if len(judgment["scores"]) != len(judgment["completions"]):
+        if not isinstance(judgment["completions"], list) or not all(
+            isinstance(c, dict) and isinstance(c.get("text"), str) for c in judgment["completions"]
+        ):
+            raise InputError(f"{path}:{lineno}: `completions` must be a list of objects with a `text` string. "
+                             "Fix: pass a file written by `prefloop judge`.")
+        if not isinstance(judgment["scores"], list) or len(judgment["scores"]) != len(judgment["completions"]):
+            got = len(judgment["scores"]) if isinstance(judgment["scores"], list) else type(judgment["scores"]).__name__
             raise InputError(
-                f"{path}:{lineno}: {len(judgment['scores'])} scores for {len(judgment['completions'])} completions. "
+                f"{path}:{lineno}: {got} scores for {len(judgment['completions'])} completions. "
                 "Fix: pass a file written by `prefloop judge`."
             )
+        for i, score in enumerate(judgment["scores"]):
+            # JSON parsers accept NaN/Infinity, and float() takes "0.9" and true: each would become a silent label.
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                                      or not math.isfinite(score)):
+                raise InputError(
+                    f"{path}:{lineno}: `scores[{i}]` is {json.dumps(score)[:40]}, not a finite number or null. "
+                    "Fix: write a failed judgment as null with a non-ok status (as `prefloop judge` does), never as a "
+                    "string, boolean, NaN or infinity."
+                )
         rows.append(judgment)
     return rows
 

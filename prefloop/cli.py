@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -86,30 +87,47 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = _dispatch(args)
-    except (InputError, ConfigError, ConfigDriftError, FileNotFoundError, GenerationAborted, PermissionError,
-            TimeoutError) as e:
+    except (InputError, ConfigError, ConfigDriftError, GenerationAborted) as e:
         print(f"prefloop {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in DISK_ERRORS:
-            raise
-        # Records are appended whole and fsynced per chunk, so what is on disk is intact: free space (or fix the
-        # permissions) and re-run the same command to resume.
-        print(f"prefloop {args.command}: error: cannot write {e.filename or 'the output'}: {e.strerror} "
-              f"({DISK_ERRORS[e.errno]}). What was written before is intact; fix this and re-run the same command "
-              "to resume.", file=sys.stderr)
-        return 2
+        if e.errno in DISK_ERRORS:
+            print(f"prefloop {args.command}: error: {disk_error(e)}", file=sys.stderr)
+            return 2
+        if isinstance(e, (FileNotFoundError, PermissionError, TimeoutError)):
+            print(f"prefloop {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
     if result is not None:
         print(result)
     return 0
 
 
+# errno -> (what it means, how to fix it). Records are appended whole, a failed append is cut back, and every other
+# output is replaced atomically, so what is on disk is intact: fix the cause and re-run the same command to resume.
 DISK_ERRORS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exhausted",
-    errno.EACCES: "no permission to write there",
-    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: ("the disk is full", "free space on that file system (or choose another --out)"),
+    errno.EDQUOT: ("the disk quota is exhausted", "free space within your quota (or choose another --out)"),
+    errno.EACCES: ("no permission to write there", "give this user write permission on it and its folder (or "
+                   "choose another --out)"),
+    errno.EPERM: ("the operation is not permitted there", "check the folder's permissions and attributes (or choose "
+                  "another --out)"),
+    errno.EROFS: ("the file system is read-only", "remount it read-write (or choose an --out on a writable file "
+                  "system)"),
 }
+
+
+def disk_error(e: OSError) -> str:
+    """One line for a full, read-only or forbidden disk: the path, the cause, the fix, and that nothing is lost."""
+    meaning, fix = DISK_ERRORS[e.errno]
+    path = e.filename or "the output"
+    verb = "write"
+    if e.errno in (errno.EACCES, errno.EPERM) and e.filename and os.path.exists(e.filename) \
+            and not os.access(e.filename, os.R_OK):
+        verb, meaning, fix = "read", "no permission to read it", "give this user read permission on it"
+    reason = e.strerror or os.strerror(e.errno)
+    return (f"cannot {verb} {path}: {reason} ({meaning}). Fix: {fix}, then re-run the same command to resume; "
+            "what was written before is intact.")
 
 
 def _dispatch(args: argparse.Namespace) -> Any:
@@ -129,7 +147,9 @@ def _dispatch(args: argparse.Namespace) -> Any:
         from prefloop.store import merge
 
         counts = merge(args.inputs, args.out)
-        return f"{args.out}: {counts['records']} records ({counts['duplicates']} duplicates, {counts['conflicts']} conflicts)"
+        torn = f", {counts['torn']} torn line{'s' * (counts['torn'] > 1)} skipped" if counts["torn"] else ""
+        return (f"{args.out}: {counts['records']} records ({counts['duplicates']} duplicates, {counts['conflicts']} "
+                f"conflicts{torn})")
     raise AssertionError(args.command)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -36,6 +36,7 @@ class Completion(TypedDict):
 class LoadedPrompts:
     records: list[dict[str, Any]]
     duplicates: int = 0
+    locations: dict[str, str] = field(default_factory=dict)  # id -> "file:line" (or "file:item N"), for messages
 
 
 def prompt_id(prompt: Prompt) -> str:
@@ -140,6 +141,11 @@ def load_prompts(
                 "valid Unicode. Fix: remove or repair that escape."
             ) from None
         rid = row.get(id_field)
+        if isinstance(rid, (bool, list, dict)):  # str() would make an id of it silently: "True", "['a']"
+            raise InputError(
+                f"{where}: `{id_field}` must be a string or a number, got {type(rid).__name__} ({json.dumps(rid)[:60]}). "
+                f"Fix: give each row a string id, or drop the `{id_field}` column to derive ids from content."
+            )
         rid = prompt_id(prompt) if rid in (None, "") else str(rid)
         if rid in by_id:
             if by_id[rid][0] != canonical:
@@ -153,6 +159,7 @@ def load_prompts(
             out.duplicates += 1
             continue
         by_id[rid] = (canonical, where)
+        out.locations[rid] = where
         seen_content.add(canonical)
         extras = {k: v for k, v in row.items() if k not in (prompt_field, id_field, "prompt", "id")}
         clash = sorted(set(extras) & set(RESERVED_COLUMNS))

@@ -7,8 +7,12 @@ Guarantees (each is tested in tests/prefloop/test_store.py and the kill tests):
   The cut bytes are kept in `<file>.torn` and the cut is logged: new rows never join a fragment, nothing is lost.
 - Resume is keyed by `id` (the first key of every record, so ids are read without parsing whole lines); records
   already on disk are kept byte-for-byte.
+- A failed append (a full disk, a read-only file system) is cut back to the end of the last whole record before the
+  error is raised, so a full disk never leaves a torn line behind either.
 - Outputs that are not appendable (configs, summaries, manifests, model dirs) go through `atomic_write` /
-  `atomic_dir`: written beside their destination, then `os.replace`d into place.
+  `atomic_dir`: written beside their destination as `.<name>.<pid>.<random>.tmp`, then `os.replace`d into place.
+  A temp left by a killed writer (its pid is gone) is removed, and logged, by the next write to that destination;
+  a directory swap interrupted between its two renames is undone (the old copy restored) the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -183,6 +188,7 @@ class JsonlStore:
         self.done: set[str] = read_ids(self.path)
         # Unbuffered binary append: every `write` below is one syscall carrying one complete line.
         self._f = open(self.path, "ab", buffering=0)
+        self._end = self._f.seek(0, os.SEEK_END)  # where the last whole record ends
 
     def append(self, record: dict[str, Any]) -> None:
         rid = str(record["id"])
@@ -192,10 +198,20 @@ class JsonlStore:
         try:
             written = self._f.write(line)
         except OSError as e:  # name the file (a bare write error does not), keep errno for the CLI's message
+            self._cut_back()
             raise OSError(e.errno, e.strerror, str(self.path)) from e
-        if written != len(line):  # a short write on a regular file means the disk is full; the next open cuts it
-            raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)", str(self.path))
+        if written != len(line):  # a short write on a regular file means the disk is full
+            self._cut_back()
+            raise OSError(errno.ENOSPC, f"No space left on device (short write: {written} of {len(line)} bytes)",
+                          str(self.path))
+        self._end += written
         self.done.add(rid)
+
+    def _cut_back(self) -> None:
+        """Drop the part of a line a failed write left behind (truncating needs no free space). If even that fails,
+        the next open cuts the fragment as a torn tail."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._f.fileno(), self._end)
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
         for record in records:
@@ -203,7 +219,10 @@ class JsonlStore:
         self.commit()
 
     def commit(self) -> None:
-        os.fsync(self._f.fileno())
+        try:
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
         if not self._f.closed:
@@ -218,19 +237,30 @@ class JsonlStore:
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix.
+
+    The file gets the destination's mode if it exists, else the usual `0o666 & ~umask` (a bare `mkstemp` would make
+    every summary and pairs file private to its owner). An `OSError` names `path`, not the temp file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as e:
+        _raise_naming(e, path)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _mode(path, 0o666))
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            _raise_naming(e, path)
         raise
 
 
@@ -243,20 +273,108 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp dir beside `path`; on success it replaces `path` whole, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temps(path)
     try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
+    except OSError as e:
+        _raise_naming(e, path)
+    try:
+        os.chmod(tmp, _mode(path, 0o777))  # mkdtemp makes it 0o700: a model dir others could not load
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = _old(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # a kill between these two renames is undone by the next `atomic_dir(path)`
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+# `.<name>.<pid>.<random>.tmp`, or `.<name>.<random>.tmp` as temps were named before the pid was added (always
+# treated as stale). mkstemp's random part has no dots.
+_TEMP_RE = re.compile(r"^(?:(\d+)\.)?[a-z0-9_]+\.tmp$")
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temps a killed `atomic_write`/`atomic_dir` left beside `path`; undo a half-done directory swap.
+
+    A temp whose writer is still running (its pid is alive, e.g. another thread of this process) is left alone.
+    Each removal is logged. Returns the paths removed or restored.
+    """
+    path = Path(path)
+    prefix, done = f".{path.name}.", []
+    old = _old(path)
+    if old.is_dir():
+        if not path.exists():  # killed between `replace(path, old)` and `replace(tmp, path)`: put the old copy back
+            os.replace(old, path)
+            log.warning("%s: restored from %s (a replace was interrupted)", path, old.name)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            log.warning("%s: removed the stale %s (a replace was interrupted)", path, old.name)
+        done.append(old)
+    try:
+        siblings = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return done
+    for sibling in siblings:
+        m = _TEMP_RE.match(sibling.name[len(prefix) :])
+        if not m or (m.group(1) and _alive(int(m.group(1)))):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                sibling.unlink()
+        log.warning("%s: removed %s, left by an interrupted write", path, sibling.name)
+        done.append(sibling)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _mode(path: Path, default: int) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return default & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for an instant, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _raise_naming(e: OSError, path: Path) -> None:
+    """Raise the same error (same errno, so the same subclass) naming the destination instead of a temp name."""
+    if e.errno is None:
+        raise e
+    raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def shard_of(record_id: str, num_shards: int) -> int:

@@ -9,10 +9,15 @@ The normal reply to `/v1/completions` and `/v1/chat/completions` has `n` choices
 texts name the request's seed and the choice index (`s<seed>c<j>`), so tests can tell samples apart; it carries
 log-probs (one per character, plus one for EOS) when asked and `usage.completion_tokens`. `/v1/models`,
 `/health` and `/v1/load_lora_adapter` answer 200 unless scripted (`models_reply`, `health_reply`, `lora_reply`).
+
+A server that dies and comes back: `close()` drops every open connection (a kept-alive one would otherwise go on
+being served), and a new `FakeServer(port=old.port)` takes over the address; with `start_after=None` it holds the
+port but refuses connections until `listen()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -77,9 +82,10 @@ class Request:
 
 
 class FakeServer:
-    """See module docstring. `start_after`: seconds before the port starts listening (None: never)."""
+    """See module docstring. `start_after`: seconds before the port starts listening (None: until `listen()`);
+    `port`: 0 for a free one, or a fixed one (e.g. a closed server's, to restart it)."""
 
-    def __init__(self, start_after: float | None = 0.0, expected_key: str | None = None) -> None:
+    def __init__(self, start_after: float | None = 0.0, expected_key: str | None = None, port: int = 0) -> None:
         self.script: Callable[[Request], Reply | None] = lambda req: None
         self.models_reply: Reply | None = None
         self.health_reply: Reply | None = None
@@ -92,7 +98,10 @@ class FakeServer:
         self.inflight = self.max_inflight = 0
         self._lock = threading.Lock()
         self._release = threading.Event()  # ends hangs at shutdown
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class(), bind_and_activate=False)
+        self._listen = threading.Event()  # set by listen(): start listening now
+        self._connections: set[socket.socket] = set()  # open client connections, dropped at close()
+        self._closed = False
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class(), bind_and_activate=False)
         self._httpd.block_on_close = False
         self._httpd.server_bind()  # the port is ours now; connections are refused until it listens
         self.port = self._httpd.server_address[1]
@@ -102,21 +111,40 @@ class FakeServer:
         self._thread.start()
 
     def _serve(self, start_after: float | None) -> None:
-        if start_after is None or self._release.wait(start_after):
-            return
-        self._httpd.server_activate()
-        self._serving = True
+        self._listen.wait(start_after)
+        with self._lock:  # not once close() has begun
+            if self._closed:
+                return
+            self._httpd.server_activate()
+            self._serving = True
         self._httpd.serve_forever(poll_interval=0.05)
 
     def generation_requests(self) -> list[Request]:
         return [r for r in self.requests if r.path.endswith("completions")]
 
+    def listen(self) -> None:
+        """Start listening now (a server made with `start_after=None`, or one still waiting)."""
+        self._listen.set()
+
     def close(self) -> None:
+        """Stop like a dead process: stop listening, drop every open connection, end hangs. Idempotent."""
+        with self._lock:
+            self._closed, serving = True, self._serving
+        self._drop_connections()  # first, so a request in flight gets no answer (hangs end below)
         self._release.set()
-        if self._serving:
+        self._listen.set()
+        if serving:
             self._httpd.shutdown()
         self._httpd.server_close()
+        self._drop_connections()  # any accepted while stopping
         self._thread.join(timeout=5)
+
+    def _drop_connections(self) -> None:
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> FakeServer:
         return self
@@ -182,6 +210,20 @@ class FakeServer:
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server._connections.add(self.connection)
+                    if server._closed:  # accepted while closing: dead already
+                        with contextlib.suppress(OSError):
+                            self.connection.shutdown(socket.SHUT_RDWR)
+
+            def finish(self) -> None:
+                with server._lock:
+                    server._connections.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
 
             def do_GET(self) -> None:
                 self._handle({})

@@ -29,6 +29,7 @@ finished stage does nothing. Resuming with a changed config is refused, naming t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import time
@@ -328,13 +329,23 @@ def _check_reference(trainer, config: TrainConfig) -> None:
 
 
 def last_complete_checkpoint(root: str | Path) -> Path | None:
-    """Newest `checkpoint-N` under `root` that has its `trainer_state.json` (saved last); torn ones are logged."""
+    """Newest `checkpoint-N` under `root` whose `trainer_state.json` (saved last) is whole; torn ones are logged.
+
+    transformers writes that file with a plain open + write, so a kill mid-save can leave it empty or cut short:
+    present is not enough, it must parse (else every re-run would fail loading it instead of resuming)."""
     root = Path(root)
     found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
     for _, path in sorted(found, reverse=True):
-        if (path / "trainer_state.json").is_file():
-            return path
-        log.warning("train: skipping %s: no trainer_state.json (the save was interrupted)", path)
+        state = path / "trainer_state.json"
+        if not state.is_file():
+            log.warning("train: skipping %s: no trainer_state.json (the save was interrupted)", path)
+            continue
+        try:
+            json.loads(state.read_bytes())
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+            log.warning("train: skipping %s: its trainer_state.json is torn (the save was interrupted)", path)
+            continue
+        return path
     return None
 
 
