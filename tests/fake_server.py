@@ -21,6 +21,7 @@ import contextlib
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -81,6 +82,12 @@ class Request:
         return self.body.get("prompt", self.body.get("messages"))
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hangs up (or is killed) is expected
+            super().handle_error(request, client_address)
+
+
 class FakeServer:
     """See module docstring. `start_after`: seconds before the port starts listening (None: until `listen()`);
     `port`: 0 for a free one, or a fixed one (e.g. a closed server's, to restart it)."""
@@ -101,7 +108,7 @@ class FakeServer:
         self._listen = threading.Event()  # set by listen(): start listening now
         self._connections: set[socket.socket] = set()  # open client connections, dropped at close()
         self._closed = False
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class(), bind_and_activate=False)
+        self._httpd = _Server(("127.0.0.1", port), self._handler_class(), bind_and_activate=False)
         self._httpd.block_on_close = False
         self._httpd.server_bind()  # the port is ours now; connections are refused until it listens
         self.port = self._httpd.server_address[1]

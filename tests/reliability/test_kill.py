@@ -119,6 +119,7 @@ def kill_appending(runner, args: Callable[[Path], list[str]], workdir: Path, ver
     snapshots: list[bytes] = []  # the complete lines after each kill (each must stay a prefix of the next)
     fragments: list[bytes] = []  # torn tails the next run must cut into out.jsonl.torn
     observed, resumed = seconds or 0.0, 0
+    pending = b""  # the torn tail on disk before a run starts
     while tally.landed < points:
         assert tally.tried < 3 * points + 3, f"{tally.tried} kills tried, {tally.landed} landed: too quick a stage"
         kind = kinds[tally.landed] if tally.landed < len(kinds) else rng.choice(("lines", "time"))
@@ -150,8 +151,9 @@ def kill_appending(runner, args: Callable[[Path], list[str]], workdir: Path, ver
         if snapshots:
             assert complete.startswith(snapshots[-1]), f"run {tally.tried} rewrote records already on disk"
         snapshots.append(complete)
-        if tail:
+        if tail and tail != pending:  # (a run killed before its open cut the tail leaves the same one behind)
             fragments.append(tail)
+        pending = tail
         if killed:
             tally.landed_at(kind, after_done=finished(after))
         if finished(after):  # the stage got to its end: check this sequence, start another on a fresh output
@@ -166,6 +168,7 @@ def kill_appending(runner, args: Callable[[Path], list[str]], workdir: Path, ver
             # the resume must cut into `.torn`, never join with its next record.
             last = complete.splitlines(keepends=True)[-1]
             fragments.append(last[: len(last) // 2])
+            pending = fragments[-1]
             with open(out, "ab") as f:
                 f.write(fragments[-1])
     have = line_count(out)
