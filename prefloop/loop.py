@@ -408,6 +408,7 @@ def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]]) -> Path:
 
     policy: dict[str, Any] = {"model": config.model, "adapter": None}
     manifest.round(0, policy)
+    manifest.save()  # (with no eval_prompts nothing else writes it before the report reads it)
     _evaluate(config, manifest, 0, policy, root / "round_000")
     write_report(root)
     for k in range(1, config.rounds + 1):

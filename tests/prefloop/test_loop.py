@@ -90,6 +90,18 @@ def test_loop_runs_rounds_and_writes_report(workdir):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.jsonl")} == before
 
 
+def test_loop_without_heldout_prompts_runs_and_reports(workdir, tmp_path):
+    """`eval_prompts` is optional: one round runs, round 0 has no eval, and the report is still written."""
+    values = {**loop_values(workdir, str(tmp_path / "noeval"), rounds=1), "eval_prompts": None}
+    root = run_loop(from_dict(LoopConfig, values))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "done"
+    assert manifest["rounds"][0]["phases"] == {}
+    assert manifest["rounds"][1]["phases"]["train"]["status"] == "done"
+    assert "eval" not in manifest["rounds"][1]["phases"]
+    assert (root / "report.md").exists()
+
+
 def test_changed_loop_config_is_refused(workdir):
     """Resuming a run with a changed setting is refused naming the key; raising `rounds` is allowed."""
     values = loop_values(workdir, "drift", rounds=0)
