@@ -5,11 +5,14 @@
 Rows (pairs/s = (prompt, chosen, rejected) triples scored per wall second, model load excluded):
   pipeline bs=1    `transformers.pipeline("text-classification")`, one call per (prompt, response), in input
                    order: what RLHFlow's iterative-DPO scripts do
-  prefloop         `RewardModelJudge.score`: length-sorted, right-padded batches (up to `--batch-size`
-                   sequences and the judge's token budget per forward)
+  prefloop fp32    `RewardModelJudge.score`: length-sorted, right-padded batches (up to `--batch-size`
+                   sequences and the judge's token budget per forward), in fp32 like the pipeline
+  prefloop auto    the same with the judge's default `dtype: auto`: bf16 where the CPU has native bf16
+                   (avx512_bf16/AMX; this is what a user gets), else fp32 again
 
-Both score the same texts (the judge's own formatting, passed to the pipeline as strings) and the script checks
-their scores agree. Random weights built locally (no downloads): throughput does not depend on what the RM
+Both score the same texts (the judge's own formatting, passed to the pipeline as strings); the script checks the
+fp32 scores agree with the pipeline's and reports how often the auto-dtype scores order each (chosen, rejected)
+pair as the pipeline's do. Random weights built locally (no downloads): throughput does not depend on what the RM
 learned. Ratios, not absolute numbers, are the result: every row is measured in the same run on a noisy machine.
 Writes bench/results/rm_throughput.json.
 """
@@ -98,6 +101,14 @@ def measure(size: str, count: int, short: bool, batch_size: int) -> dict:
         start = time.perf_counter()
         ours = judge.score(prompts, responses)
         ours_s = time.perf_counter() - start
+        judge.close()
+        auto = RewardModelJudge(str(path), batch_size=batch_size)
+        auto.score(prompts[:4], responses[:4])
+        start = time.perf_counter()
+        auto_scores = [value for value, _ in auto.score(prompts, responses)]
+        auto_s = time.perf_counter() - start
+        auto_dtype = auto.info["dtype"]
+        auto.close()
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
@@ -112,10 +123,14 @@ def measure(size: str, count: int, short: bool, batch_size: int) -> dict:
     if diff > 1e-3:
         sys.exit(f"scores disagree (max |diff| = {diff:.2e}): the comparison would not be fair")
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    # Pair order agreement of the auto-dtype scores with the pipeline's: (chosen > rejected) the same way.
+    agree = sum((auto_scores[i] > auto_scores[i + count]) == (base[i] > base[i + count]) for i in range(count))
     return {"model": size, "params": params, "inputs": "demo sums (~10 tokens)" if short else "10-400 tokens",
-            "pairs": count, "mean_tokens": round(tokens / len(texts), 1),
-            "pairs_per_s": {"pipeline_bs1": round(count / base_s, 2), "prefloop": round(count / ours_s, 2)},
-            "speedup": round(base_s / ours_s, 2), "max_score_diff": diff}
+            "pairs": count, "mean_tokens": round(tokens / len(texts), 1), "auto_dtype": auto_dtype,
+            "pairs_per_s": {"pipeline_bs1": round(count / base_s, 2), "prefloop": round(count / ours_s, 2),
+                            "prefloop_auto": round(count / auto_s, 2)},
+            "speedup": round(base_s / ours_s, 2), "speedup_auto": round(base_s / auto_s, 2),
+            "max_score_diff": diff, "auto_pair_order_agreement": round(agree / count, 4)}
 
 
 def main() -> None:
@@ -132,11 +147,15 @@ def main() -> None:
             measure("small", args.pairs, False, args.batch_size)]
     print(f"\n{os.cpu_count()} cores, {torch.get_num_threads()} torch threads; scores agree within "
           f"{max(r['max_score_diff'] for r in runs):.1e}\n")
-    print("| reward model | inputs | pairs | pipeline bs=1 pairs/s | prefloop pairs/s | speedup |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| reward model | inputs | pairs | pipeline bs=1 pairs/s | prefloop fp32 pairs/s | speedup | "
+          "prefloop auto pairs/s | speedup (target >= 10x) | order agreement |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
+        rate = r["pairs_per_s"]
         print(f"| {r['params'] / 1e6:.1f}M ({r['model']}) | {r['inputs']} | {r['pairs']} | "
-              f"{r['pairs_per_s']['pipeline_bs1']:,.1f} | {r['pairs_per_s']['prefloop']:,.1f} | {r['speedup']:.1f}x |")
+              f"{rate['pipeline_bs1']:,.1f} | {rate['prefloop']:,.1f} | {r['speedup']:.1f}x | "
+              f"{rate['prefloop_auto']:,.1f} ({r['auto_dtype']}) | {r['speedup_auto']:.1f}x | "
+              f"{r['auto_pair_order_agreement']:.1%} |")
     result = {"date": time.strftime("%Y-%m-%d"),
               "machine": {"cores": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads()},

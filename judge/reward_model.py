@@ -86,15 +86,19 @@ class RewardModelJudge:
         return self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
                                                   tokenize=False)
 
-    def _encode(self, prompt: Prompt, response: str) -> list[int]:
+    def _encode(self, prompts: list[Prompt], responses: list[str]) -> list[list[int]]:
+        """Token ids per (prompt, response), tokenized in one call (a fast tokenizer batches it natively)."""
+        texts = [self.text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        if not texts:
+            return []
         # A chat template writes its own special tokens (BOS...); raw text gets the tokenizer's defaults.
-        return self.tokenizer(self.text(prompt, response), add_special_tokens=self.template == "raw")["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=self.template == "raw")["input_ids"]
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[tuple[float | None, str | None]]:
         """(score, None) or (None, reason) per (prompt, response), in order."""
         if self.model is None:
             raise RuntimeError("RewardModelJudge used after close().")
-        encoded = [self._encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        encoded = self._encode(prompts, responses)
         out: list[tuple[float | None, str | None]] = [(None, None)] * len(encoded)
         fits = []
         for i, ids in enumerate(encoded):
