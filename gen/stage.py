@@ -26,6 +26,7 @@ from pathlib import Path
 from prefloop.config import ConfigError, field
 from prefloop.gen import BACKENDS, GenerationAborted, Sampling, encode_prompt, load_generator, resolve_backend
 from prefloop.progress import Progress
+from prefloop.ray_engine import check_engine, generate_on_ray
 from prefloop.records import LoadedPrompts, load_prompts
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, JsonlStore, parse_shard, shard_of
@@ -87,6 +88,18 @@ class GenerateConfig:
         "summary as `skipped_too_long`, instead of stopping before any work (hf and vllm backends)."
     )
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
+    # Engine (prefloop/ray_engine.py, docs/scaling.md). Not hashed: where the work runs does not change what a
+    # record means, so a run started locally may be resumed on Ray and back.
+    engine: str = field("local", help="Where to run: local (this process) or ray (Ray Data actors; needs "
+                        "`pip install 'prefloop[ray]'`).", hash=False)
+    ray_address: str | None = field(None, help="ray: cluster address (default: $RAY_ADDRESS, else start a local "
+                                    "cluster).", hash=False)
+    ray_actors: int = field(1, help="ray: model replicas (actors); each loads the model once.", hash=False)
+    ray_num_cpus: float = field(1.0, help="ray: CPUs reserved per actor.", hash=False)
+    ray_num_gpus: float = field(0.0, help="ray: GPUs reserved per actor (= tensor_parallel_size for vllm).",
+                                hash=False)
+    ray_batch_size: int = field(64, help="ray: prompts per actor call; the driver persists each as it arrives.",
+                                hash=False)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -103,6 +116,7 @@ class GenerateConfig:
             parse_shard(self.shard)  # fails early on a malformed spec
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        check_engine(self)
 
     @property
     def sampling(self) -> Sampling:
@@ -142,6 +156,8 @@ def run(config: GenerateConfig) -> Path:
         log.info("%s is complete (config %s); nothing to do", out, state.hash)
         return out
     try:
+        if config.engine == "ray":  # same store, same records; the batches run on Ray Data actors
+            return generate_on_ray(config, state, loaded, prompts)
         return _generate(config, state, loaded, prompts)
     except BaseException:
         if status == "fresh" and not (out.exists() and out.stat().st_size > 0):
@@ -244,6 +260,7 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
         duplicates_dropped=loaded.duplicates,
         tokens=progress.tokens,
         tokens_per_s=round(progress.tokens_per_s, 1),
+        engine="local",
     )
     if failed_ids:
         log.warning("generate: %d prompts failed and were not written; re-run to retry them", len(failed_ids))

@@ -30,6 +30,7 @@ from prefloop.judge.constitution import load_constitution
 from prefloop.judge.stats import FAILURES, judge_stats
 from prefloop.judge.templates import Template, load_template
 from prefloop.progress import Progress
+from prefloop.ray_engine import check_engine, judge_on_ray
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, JsonlStore, iter_records
 
@@ -87,8 +88,20 @@ class JudgeConfig:
     cache: str = field("auto", help="Judge cache directory for model judges: auto (~/.cache/prefloop/judge or "
                        "$PREFLOOP_CACHE_DIR), off, or a path.", hash=False)
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
+    # Engine (prefloop/ray_engine.py, docs/scaling.md); `judge_engine` above is the backend's options, not this.
+    # Not hashed: where the work runs does not change what a record means (resume on either engine).
+    engine: str = field("local", help="Where to run: local (this process) or ray (Ray Data actors; needs "
+                        "`pip install 'prefloop[ray]'`).", hash=False)
+    ray_address: str | None = field(None, help="ray: cluster address (default: $RAY_ADDRESS, else start a local "
+                                    "cluster).", hash=False)
+    ray_actors: int = field(1, help="ray: judge replicas (actors); each loads the judge once.", hash=False)
+    ray_num_cpus: float = field(1.0, help="ray: CPUs reserved per actor.", hash=False)
+    ray_num_gpus: float = field(0.0, help="ray: GPUs reserved per actor.", hash=False)
+    ray_batch_size: int = field(64, help="ray: candidate rows per actor call; the driver persists each as it "
+                                "arrives.", hash=False)
 
     def __post_init__(self) -> None:
+        check_engine(self)
         if self.judge not in BACKENDS:
             raise ConfigError(f"judge = {self.judge!r}. Fix: use one of {', '.join(BACKENDS)}.")
         if self.judge == "python" and not self.reward_fn:
@@ -218,6 +231,10 @@ def run(config: JudgeConfig) -> Path:
         if judge_ is not None:
             judge_.close()
         return out
+    if config.engine == "ray":  # same store, same records; the batches run on Ray Data actors
+        if judge_ is not None:
+            judge_.close()  # loaded only to fail early on a bad --reward-fn; the actors load their own
+        return judge_on_ray(config, state, rows)
 
     statuses: Counter[str] = Counter()
     judge = None
@@ -253,7 +270,7 @@ def run(config: JudgeConfig) -> Path:
     if judge is not None and hasattr(judge, "calls"):
         extra["judge_calls"] = judge.calls
     state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(statuses), stats=stats,
-                 **extra)
+                 engine="local", **extra)
     failures = {f"{f}_rate": stats[f"{f}_rate"] for f in FAILURES if stats.get(f"{f}_rate")}
     if failures:
         log.warning("judge: %s (failures are kept as failures, never labels)", failures)

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefloop.gen import GenerationAborted
     from prefloop.runstate import ConfigDriftError
     from prefloop.store import InputError
+    from prefloop.train.distributed import is_replica
 
     try:
         result = _dispatch(args)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prefloop {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
-    if result is not None:
+    if result is not None and not is_replica():  # under `accelerate launch`, one line per run, not per rank
         print(result)
     return 0
 

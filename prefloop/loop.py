@@ -68,6 +68,11 @@ class LoopConfig:
         {"temperature": 0.0, "n": 1}, help="Generation settings for held-out eval (default greedy, one answer)."
     )
     eval_judge: dict = field({}, help="Judge settings for held-out eval, over `judge`'s (default: the same judge).")
+    train_launcher: dict = field(
+        {}, hash=False,
+        help="Run the train phase under `accelerate launch` (gen/judge stay here), e.g. {num_processes: 2, "
+             "config_file: examples/accelerate/ddp.yaml}; keys in prefloop/train/launch.py. Global batch = "
+             "train.batch_size x processes x train.grad_accum. Empty: train in this process.")
 
     def __post_init__(self) -> None:
         if self.init not in ("previous", "base"):
@@ -91,6 +96,10 @@ class LoopConfig:
         self.stage_config("judge", 1, {})
         self.stage_config("pairs", 1, {})
         self.stage_config("train", 1, {})
+        if self.train_launcher:
+            from prefloop.train.launch import launch_config
+
+            launch_config(self.train_launcher)
         self.stage_config("generate", 1, {**self.gen, **self.eval})
         evaluator = self.stage_config("judge", 1, self.eval_judge)
         if self.eval_prompts and evaluator.judge == "constitutional" and evaluator.mode == "revise":
@@ -346,7 +355,13 @@ def _train_phase(config: LoopConfig, k: int, d: Path, policy: dict[str, Any]):
     pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else "pairs.jsonl")
     # LoRA: the base stays `config.model` and the policy is its adapter. Full fine-tuning: the policy is a model.
     start = policy if config.init == "previous" else {"model": config.model, "adapter": None}
-    out = Path(train(config.stage_config("train", k, {"pairs": str(pairs_file), **start})))
+    train_cfg = config.stage_config("train", k, {"pairs": str(pairs_file), **start})
+    if config.train_launcher:  # the same config and output dir, trained by `accelerate launch`ed ranks
+        from prefloop.train.launch import launch_config, launch_train
+
+        out = launch_train(train_cfg, launch_config(config.train_launcher))
+    else:
+        out = Path(train(train_cfg))
     summary_path = out / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return None, summary  # a directory: no single-file checksum
@@ -388,6 +403,18 @@ def _engine_scope(config: LoopConfig):
     return keep_engine()
 
 
+def _ray_scope(config: LoopConfig):
+    """Phases on `engine: ray` (set per phase: `gen: {engine: ray, ray_actors: 4}`, `judge: {engine: ray}`; eval
+    inherits `gen`'s and `judge`'s) share one Ray connection for the whole run instead of one per phase."""
+    phases = [config.gen, {**config.gen, **config.eval}, config.judge, {**config.judge, **config.eval_judge}]
+    ray_phases = [s for s in phases if s.get("engine") == "ray"]
+    if not ray_phases:
+        return contextlib.nullcontext()
+    from prefloop.ray_engine import ray_session
+
+    return ray_session(next((s["ray_address"] for s in ray_phases if s.get("ray_address")), None))
+
+
 def run(config: LoopConfig) -> Path:
     """Run (or resume) the loop in `config.out`; return the run directory. See module docstring."""
     root = Path(config.out)
@@ -395,7 +422,7 @@ def run(config: LoopConfig) -> Path:
     pool = load_prompts(config.prompts).records  # validated whole before any model loads
     if config.eval_prompts:
         load_prompts(config.eval_prompts)
-    with _engine_scope(config):
+    with _engine_scope(config), _ray_scope(config):
         return _run_rounds(config, pool)
 
 

@@ -41,6 +41,7 @@ from prefloop.config import ConfigError, add_arguments, field, from_args, to_dic
 from prefloop.device import resolve_device, resolve_dtype
 from prefloop.runstate import StageRun
 from prefloop.store import atomic_dir, atomic_write_json
+from prefloop.train.distributed import decide_on_main, gathered_state_dict, is_replica, quiet_replicas, world
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +191,10 @@ def load_pairs(path: str | Path):
     return dataset
 
 
-def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=None):
+def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=None, args=None):
     """A ready `DPOTrainer` whose reference follows `config.reference` (checked, not assumed; see module doc).
 
-    `dataset` defaults to `load_pairs(config.pairs)`. TRL drops pairs whose prompt alone fills `max_length`; the
+    `dataset` defaults to `load_pairs(config.pairs)`, `args` to `training_args(config)`. TRL drops pairs whose prompt alone fills `max_length`; the
     number dropped is logged as a warning.
 
     With reference=previous, disabling the adapter must not silently mean the base model: TRL keeps a frozen
@@ -202,10 +203,8 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
     import torch
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
-    if config.dtype in ("float16", "fp16") and not torch.cuda.is_available():
-        raise ConfigError("dtype float16 needs a CUDA GPU (fp16 mixed precision). Fix: --dtype auto or float32.")
     dtype, reason = resolve_dtype(config.dtype, resolve_device("auto"))
     # Frozen LoRA bases can sit in bf16; fully trained weights stay fp32 so AdamW updates are not rounded away.
     weights_dtype = dtype if config.lora and dtype != torch.float32 else torch.float32
@@ -247,34 +246,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
                 shape.lora_alpha,
             )
 
-    cuda = torch.cuda.is_available()
-    ckpt_kwargs: dict[str, Any] = {"gradient_checkpointing": config.gradient_checkpointing}
-    if "activation_checkpointing" in DPOConfig.__dataclass_fields__:  # transformers>=5 renamed it (and warns)
-        ckpt_kwargs = {"activation_checkpointing": config.gradient_checkpointing, "gradient_checkpointing": None}
-    args = DPOConfig(
-        output_dir=str(Path(config.out) / "checkpoints"),
-        learning_rate=config.lr,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length,
-        beta=config.beta,
-        loss_type=list(config.loss),
-        loss_weights=config.loss_weights,
-        seed=config.seed,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=not cuda,  # without it, bf16 on a CPU-only machine is refused by TrainingArguments
-        disable_dropout=config.lora_dropout == 0.0,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.keep_checkpoints,
-        logging_steps=config.logging_steps,
-        report_to=[] if config.report_to == "none" else _split(config.report_to, str),
-        disable_tqdm=False,
-        **ckpt_kwargs,
-    )
+    args = training_args(config) if args is None else args
     dataset = load_pairs(config.pairs) if dataset is None else dataset
     trainer = DPOTrainer(
         model=model,
@@ -298,6 +270,49 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
         trainer.model.delete_adapter("ref")
     _check_reference(trainer, config)
     return trainer
+
+
+def training_args(config: TrainConfig):
+    """TRL's `DPOConfig` for `config`. Building it also sets up accelerate's process state (`.distributed_state`):
+    a single process, or one rank of an `accelerate launch` (DDP, FSDP, DeepSpeed), whichever started us."""
+    import torch
+    from trl import DPOConfig
+
+    if config.dtype in ("float16", "fp16") and not torch.cuda.is_available():
+        raise ConfigError("dtype float16 needs a CUDA GPU (fp16 mixed precision). Fix: --dtype auto or float32.")
+    dtype, _ = resolve_dtype(config.dtype, resolve_device("auto"))
+    cuda = torch.cuda.is_available()
+    ckpt_kwargs: dict[str, Any] = {"gradient_checkpointing": config.gradient_checkpointing}
+    if "activation_checkpointing" in DPOConfig.__dataclass_fields__:  # transformers>=5 renamed it (and warns)
+        ckpt_kwargs = {"activation_checkpointing": config.gradient_checkpointing, "gradient_checkpointing": None}
+    return DPOConfig(
+        output_dir=str(Path(config.out) / "checkpoints"),
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length,
+        beta=config.beta,
+        loss_type=list(config.loss),
+        loss_weights=config.loss_weights,
+        seed=config.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not cuda,  # without it, bf16 on a CPU-only machine is refused by TrainingArguments
+        disable_dropout=config.lora_dropout == 0.0,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.keep_checkpoints,
+        logging_steps=config.logging_steps,
+        report_to=[] if config.report_to == "none" else _split(config.report_to, str),
+        disable_tqdm=False,
+        # Every trainable parameter (the "default" adapter, or all weights) takes part in every forward, so DDP need
+        # not search the graph for unused ones (a search that also breaks gradient checkpointing; Trainer turns it
+        # off by itself only for a bare PreTrainedModel, not for a PeftModel).
+        ddp_find_unused_parameters=False,
+        **ckpt_kwargs,
+    )
 
 
 def _check_reference(trainer, config: TrainConfig) -> None:
@@ -357,26 +372,44 @@ def _complete(path: Path, lora: bool) -> bool:
 
 
 def run(config: TrainConfig, callbacks: list | None = None) -> Path:
-    """Train on `config.pairs`; return `config.out` (holding adapter/ or model/, and train_summary.json)."""
+    """Train on `config.pairs`; return `config.out` (holding adapter/ or model/, and train_summary.json).
+
+    Works unchanged as N ranks of `accelerate launch`: run-state, final outputs and logs then come from the main
+    rank only, and every rank resumes from the checkpoint it picked (see `prefloop.train.distributed`)."""
+    from accelerate import PartialState
+
     out = Path(config.out)
     final = out / ("adapter" if config.lora else "model")
+    args = training_args(config)  # also sets up the process state: one process, or this rank of a launch
+    ranks = PartialState()
+    quiet_replicas(ranks)
     state = StageRun("train", out, config, directory=True)
     state.summary_path = out / "train_summary.json"  # the name the loop and report read
-    status = state.begin(new_run=config.new_run)
-    if status == "done" and _complete(final, config.lora):
-        log.info("train: %s is finished; nothing to do", out)
-        if config.merge and not _complete(out / "merged", lora=False):
-            _merge(config, final, out / "merged")
-            atomic_write_json(state.summary_path, {**state.summary(), "merged": str(out / "merged")})
+
+    def decide() -> tuple[bool, Path | None]:
+        finished = state.begin(new_run=config.new_run) == "done" and _complete(final, config.lora)
+        return finished, None if finished else last_complete_checkpoint(out / "checkpoints")
+
+    finished, resume = decide_on_main(ranks, decide)
+    if finished:
+        if ranks.is_main_process:
+            log.info("train: %s is finished; nothing to do", out)
+            if config.merge and not _complete(out / "merged", lora=False):
+                _merge(config, final, out / "merged")
+                atomic_write_json(state.summary_path, {**state.summary(), "merged": str(out / "merged")})
+        ranks.wait_for_everyone()
         return out
 
     started = time.time()
-    dataset = load_pairs(config.pairs)
-    trainer = build_trainer(config, callbacks, dataset)
+    with ranks.main_process_first():  # the main rank fills the datasets cache, the others read it
+        dataset = load_pairs(config.pairs)
+    trainer = build_trainer(config, callbacks, dataset, args)
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    resume = last_complete_checkpoint(out / "checkpoints")
+    spread = world(ranks, config)
+    if spread["processes"] > 1:
+        log.info("train: %(processes)d processes (%(distributed_type)s), global batch %(global_batch)d", spread)
     if resume is not None:
         log.info("train: resuming from %s", resume)
         if config.lora and (resume / "ref").is_dir():
@@ -387,17 +420,25 @@ def run(config: TrainConfig, callbacks: list | None = None) -> Path:
             model.set_adapter("default")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    with atomic_dir(final) as tmp:
-        if config.lora:
-            model.save_pretrained(tmp, selected_adapters=["default"])  # not the frozen "ref" copy
-        else:
-            model.save_pretrained(tmp)
-        trainer.processing_class.save_pretrained(tmp)
-    if config.merge:
-        _merge(config, final, out / "merged")
+    weights = gathered_state_dict(trainer)  # a collective under FSDP / ZeRO-3: every rank calls it
+    if ranks.is_main_process:
+        with atomic_dir(final) as tmp:
+            if config.lora:
+                model.save_pretrained(tmp, selected_adapters=["default"], state_dict=weights)  # not the "ref" copy
+            else:
+                model.save_pretrained(tmp, state_dict=weights)
+            trainer.processing_class.save_pretrained(tmp)
+        if config.merge:
+            _merge(config, final, out / "merged")
+        _finish(state, config, trainer, result, dataset, resume, final, started, trainable, total, spread)
+    ranks.wait_for_everyone()  # the other ranks return only once the outputs they point to exist
+    return out
 
+
+def _finish(state, config, trainer, result, dataset, resume, final, started, trainable, total, spread) -> None:
+    out = Path(config.out)
     history = trainer.state.log_history
-    losses = [h["loss"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]  # already averaged over ranks by Trainer
     runtime = result.metrics.get("train_runtime")
     # TRL counts the tokens it trained on in this session (a resumed run starts the count again, as does runtime).
     tokens = getattr(trainer, "_total_train_tokens", None)
@@ -419,10 +460,10 @@ def run(config: TrainConfig, callbacks: list | None = None) -> Path:
         output=str(final),
         merged=str(out / "merged") if config.merge else None,
         wall_s=round(time.time() - started, 3),
+        **spread,
         config=to_dict(config),
     )
     log.info("train: %d steps, final loss %s -> %s", trainer.state.global_step, losses[-1] if losses else None, final)
-    return out
 
 
 def _merge(config: TrainConfig, adapter_dir: Path, merged_dir: Path) -> None:
@@ -446,7 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML file with TrainConfig keys (flags win).")
     add_arguments(parser, TrainConfig)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    print(run(from_args(TrainConfig, parser.parse_args(argv))))
+    out = run(from_args(TrainConfig, parser.parse_args(argv)))
+    if not is_replica():  # one line per run, not per rank
+        print(out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,361 @@
+"""Ray Data as the engine of `generate` and `judge`: prefloop's own Generator/Judge as actors, prefloop's store.
+
+    pip install "prefloop[ray]"
+    prefloop generate --model M --prompts p.jsonl --out c.jsonl --engine ray --ray-actors 4 --ray-num-gpus 1
+    prefloop judge --candidates c.jsonl --out j.jsonl --judge python --reward-fn f.py:fn --engine ray
+    RAY_ADDRESS=ray://head:10001 prefloop generate ... --engine ray     # an existing cluster (or --ray-address)
+
+Why this shape (issue 8): users' jobs outgrow one box, and they already run Ray for batch inference; prefloop
+schedules nothing itself. The driver (this process) reads the input, drops the ids already on disk, and builds a
+Ray Data dataset of the PENDING rows only. `map_batches` runs an actor class that builds prefloop's own
+`Generator` (or `Judge`) once in `__init__` from the stage config (one model load per actor; `ray_actors` replicas,
+`ray_num_cpus`/`ray_num_gpus` each) and turns one batch into results. The driver consumes the results as they
+stream in and appends them through the same `JsonlStore` the local engine uses, one fsynced commit per batch.
+
+Driver-side writing, not per-actor shard files: a candidates row is a few KB while producing it costs a model call,
+so one writer is far from the bottleneck (bench/scale.py), and the store's guarantees (every id exactly once,
+torn-tail repair, byte-for-byte resume) stay the store's, with no merge step that could itself be interrupted.
+
+Failure semantics: a killed driver loses the batches in flight (produced by actors but not yet written); the ids
+already written are kept byte-for-byte, and a re-run with the same command (on either engine: `engine` is not part
+of the config hash) submits only the missing ids. An actor that dies is restarted by Ray Data; a batch whose actor
+raised fails the stage after the batches already written were committed. Prompts too long for the context are
+found by each actor for its own batch (the driver holds no model): without `skip_too_long` the stage stops at the
+first one, naming it, with the rows finished before it kept; with it, they are skipped and counted.
+
+Paths in the config (model, adapter, reward_fn) are read by the actors: on a local cluster they resolve from the
+driver's working directory (each actor changes into it); on a multi-node cluster they must exist on every node
+(a shared filesystem or a baked image), see docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from prefloop.config import ConfigError
+from prefloop.progress import Progress
+from prefloop.store import InputError, JsonlStore
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")
+
+
+def check_engine(config: Any) -> None:
+    """`__post_init__` checks shared by GenerateConfig and JudgeConfig (fail before any work)."""
+    if config.engine not in ENGINES:
+        raise ConfigError(f"engine = {config.engine!r}. Fix: use one of {', '.join(ENGINES)}.")
+    if config.ray_actors < 1 or config.ray_batch_size < 1:
+        raise ConfigError("ray_actors and ray_batch_size must be >= 1.")
+    if config.ray_num_cpus <= 0 or config.ray_num_gpus < 0:
+        raise ConfigError("ray_num_cpus must be > 0 and ray_num_gpus >= 0.")
+    if config.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("--engine ray needs Ray Data. Fix: pip install 'prefloop[ray]', or use --engine local.")
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"--engine ray needs Ray Data, which does not import here ({e}). Fix: pip install 'prefloop[ray]' "
+            "(or pip install 'ray[data]'), or use --engine local."
+        ) from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None = None):
+    """Connect to `address` (else $RAY_ADDRESS, else start a local cluster); yield `(ray, info)`.
+
+    An already initialised Ray (a notebook, a test's shared cluster) is used as is and left running; a cluster
+    this function connected to or started is shut down on exit (a local one dies with it).
+    """
+    ray = _import_ray()
+    started = time.time()
+    owned = not ray.is_initialized()
+    if owned:
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "include_dashboard": False}
+        if address is None and num_cpus:
+            kwargs["num_cpus"] = num_cpus
+        log.info("ray: %s", f"connecting to {address}" if address else "starting a local cluster")
+        ray.init(**kwargs)
+    info = {"address": address or "local", "startup_s": round(time.time() - started, 3),
+            "cluster_cpus": ray.cluster_resources().get("CPU", 0),
+            "cluster_gpus": ray.cluster_resources().get("GPU", 0)}
+    # prefloop draws its own progress bar (rows written); Ray Data's bars would interleave with it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray, info
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _check_fits(config: Any, info: dict[str, Any]) -> None:
+    """Refuse a request the cluster can never satisfy; otherwise Ray waits for resources forever."""
+    need_cpus, need_gpus = config.ray_actors * config.ray_num_cpus, config.ray_actors * config.ray_num_gpus
+    if need_gpus > info["cluster_gpus"] or need_cpus > info["cluster_cpus"]:
+        raise ConfigError(
+            f"--engine ray: {config.ray_actors} actors x (num_cpus={config.ray_num_cpus}, "
+            f"num_gpus={config.ray_num_gpus}) need {need_cpus:g} CPUs and {need_gpus:g} GPUs, but the cluster at "
+            f"{info['address']} has {info['cluster_cpus']:g} CPUs and {info['cluster_gpus']:g} GPUs. Fix: lower "
+            "--ray-actors or the per-actor --ray-num-cpus/--ray-num-gpus, or add nodes."
+        )
+
+
+def _engine_summary(config: Any, info: dict[str, Any]) -> dict[str, Any]:
+    return {"engine": "ray", "ray": {"address": info["address"], "actors": config.ray_actors,
+                                     "num_cpus": config.ray_num_cpus, "num_gpus": config.ray_num_gpus,
+                                     "batch_size": config.ray_batch_size, "startup_s": info["startup_s"]}}
+
+
+def _pipeline(ray, rows: list[dict[str, Any]], actor: type, config: Any, cwd: str):
+    """The Ray Data dataset: pending rows (JSON text, so any prompt shape crosses Arrow) -> actor results.
+
+    Rows travel as JSON strings: prompts are strings or message lists and carry arbitrary extra columns, which
+    Arrow would have to unify into one schema; text needs none, and the driver writes what it parsed anyway.
+    """
+    items = [{"id": r["id"], "row": json.dumps(r, ensure_ascii=False)} for r in rows]
+    # Several blocks per actor, so every actor gets work and a batch is never waiting on one huge block.
+    blocks = max(1, min(len(items), -(-len(items) // config.ray_batch_size)))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    return ds.map_batches(
+        actor,
+        batch_size=config.ray_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.ray_actors),
+        num_cpus=config.ray_num_cpus,
+        num_gpus=config.ray_num_gpus or None,
+        fn_constructor_kwargs={"config": config, "cwd": cwd},
+    )
+
+
+def _enter(cwd: str) -> None:
+    """Resolve the config's relative paths as the driver did (local cluster / shared filesystem)."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+
+
+class GenerateActor:
+    """One replica: loads prefloop's Generator once; each call generates one batch (seeded like a local chunk)."""
+
+    def __init__(self, config: Any, cwd: str) -> None:
+        from prefloop.gen import load_generator, resolve_backend
+
+        _enter(cwd)
+        self.config = config
+        backend = resolve_backend(config.backend)
+        self.generator = load_generator(backend, config.model, config.adapter, **config.backend_options(backend))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from prefloop.gen import GenerationAborted, encode_prompt
+        from prefloop.gen.stage import chunk_seed
+
+        rows = [json.loads(r) for r in batch["row"]]
+        status = ["ok"] * len(rows)
+        detail = [""] * len(rows)
+        tokenizer, context = getattr(self.generator, "tokenizer", None), getattr(self.generator, "max_context", 0)
+        if tokenizer is not None and context:
+            for i, r in enumerate(rows):
+                length = len(encode_prompt(tokenizer, r["prompt"], self.generator.name))
+                if length > context - self.config.max_new_tokens:
+                    status[i], detail[i] = "too_long", json.dumps([length, context])
+        todo = [i for i, s in enumerate(status) if s == "ok"]
+        results: list = [None] * len(rows)
+        if todo:
+            sampling = self.config.sampling
+            # The seed depends on the batch's content (its first id), as a local chunk's does.
+            sampling.seed = chunk_seed(self.config.seed, rows[todo[0]]["id"])
+            try:
+                out = self.generator.generate([rows[i]["prompt"] for i in todo], self.config.n, sampling)
+            except GenerationAborted as e:  # keep what finished; the driver writes it, then stops the stage
+                out = e.partial
+                for i in todo:
+                    detail[i] = str(e)
+                status = ["aborted" if s == "ok" else s for s in status]
+            for i, completions in zip(todo, out, strict=True):
+                results[i] = completions
+        for i, completions in enumerate(results):
+            if status[i] == "ok" and completions is None:
+                status[i] = "failed"
+        return {
+            "id": [r["id"] for r in rows],
+            "completions": [json.dumps(c) if c is not None else "" for c in results],
+            "status": status,
+            "detail": detail,
+            "model": [self.generator.name] * len(rows),
+        }
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.generator.close()
+
+
+def generate_on_ray(config: Any, state: Any, loaded: Any, prompts: list[dict[str, Any]]) -> Path:
+    """The `--engine ray` body of `prefloop generate` (gen/stage.py decides; see this module's docstring)."""
+    from prefloop.gen import GenerationAborted
+    from prefloop.gen.stage import _candidate
+
+    out = state.out
+    failed: list[str] = []
+    skipped: list[str] = []
+    info: dict[str, Any] = {"address": None, "startup_s": 0.0}
+    with JsonlStore(out) as store:
+        todo = [p for p in prompts if p["id"] not in store.done]
+        resumed = len(prompts) - len(todo)
+        if resumed:
+            log.info("resuming %s: %d of %d prompts already on disk", out, resumed, len(prompts))
+        progress = Progress(len(prompts), "generate", initial=resumed)
+        try:
+            if todo:
+                with ray_session(config.ray_address) as (ray, info):
+                    _check_fits(config, info)
+                    ds = _pipeline(ray, todo, GenerateActor, config, os.getcwd())
+                    by_id = {p["id"]: p for p in todo}
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        aborted = _write_candidates(batch, by_id, store, config, state, progress, failed, skipped,
+                                                    loaded, _candidate)
+                        if aborted:
+                            raise GenerationAborted(
+                                f"generate stopped: {aborted}. The {len(store.done)} prompts finished so far are "
+                                f"kept in {out}; re-run the same command to resume.", [])
+                        if len(failed) > config.max_failed_fraction * len(prompts):
+                            raise GenerationAborted(
+                                f"generate: {len(failed)} of {len(prompts)} prompts failed, over the ceiling "
+                                f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in "
+                                f"{out}; fix the cause and re-run the same command to resume.", [])
+        finally:
+            progress.close()
+
+    state.finish(
+        "done" if not failed else "incomplete",
+        prompts=len(prompts),
+        written=len(prompts) - len(failed) - len(skipped),
+        resumed=resumed,
+        failed=len(failed),
+        skipped_too_long=len(skipped),
+        duplicates_dropped=loaded.duplicates,
+        tokens=progress.tokens,
+        tokens_per_s=round(progress.tokens_per_s, 1),
+        **_engine_summary(config, info),
+    )
+    if failed:
+        log.warning("generate: %d prompts failed and were not written; re-run to retry them", len(failed))
+    return out
+
+
+def _write_candidates(batch, by_id, store, config, state, progress, failed, skipped, loaded, make) -> str | None:
+    """Append one result batch through the store and commit it; return an abort message if an actor had one."""
+    tokens = done = n_failed = 0
+    aborted = None
+    for rid, completions, status, detail, model in zip(batch["id"], batch["completions"], batch["status"],
+                                                       batch["detail"], batch["model"], strict=True):
+        rid = str(rid)
+        if status == "too_long":
+            length, context = json.loads(detail)
+            if not config.skip_too_long:
+                store.commit()
+                where = loaded.locations.get(rid, config.prompts)
+                raise InputError(
+                    f"{where}: prompt {rid!r} is {length} tokens long, but the model's context of {context} tokens "
+                    f"with max_new_tokens={config.max_new_tokens} fits prompts of at most "
+                    f"{max(context - config.max_new_tokens, 0)} tokens. The {len(store.done)} prompts finished "
+                    "before it are kept. Fix: shorten or drop it, lower --max-new-tokens, or pass --skip-too-long."
+                )
+            skipped.append(rid)
+            continue
+        if not completions:  # failed, or cut off by an abort: not written, so a re-run retries it
+            if status == "failed":
+                failed.append(rid)
+                n_failed += 1
+            elif status == "aborted":
+                aborted = aborted or detail
+            continue
+        completions = json.loads(completions)
+        tokens += sum(c["num_tokens"] or 0 for c in completions)
+        store.append(make(by_id[rid], completions, str(model), config, state.hash))
+        done += 1
+    store.commit()
+    progress.update(done=done, failed=n_failed, tokens=tokens)
+    return aborted
+
+
+# ---------------------------------------------------------------------------------------------------- judge
+
+
+class JudgeActor:
+    """One replica: loads prefloop's Judge once (`judge/stage.py:_load`); each call judges one batch of rows."""
+
+    def __init__(self, config: Any, cwd: str) -> None:
+        from prefloop.judge.stage import _load
+
+        _enter(cwd)
+        self.judge = _load(config)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        rows = [json.loads(r) for r in batch["row"]]
+        verdicts = self.judge.judge(rows)
+        return {"id": [r["id"] for r in rows],
+                "verdict": [json.dumps(v, ensure_ascii=False) for v in verdicts],
+                "judge": [json.dumps({"name": self.judge.name, "info": getattr(self.judge, "info", None)})]
+                * len(rows)}
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.judge.close()
+
+
+def judge_on_ray(config: Any, state: Any, rows: list[dict[str, Any]]) -> Path:
+    """The `--engine ray` body of `prefloop judge`: same records, statistics and summary as the local engine."""
+    from prefloop.judge.stage import _first_label, _judgment
+    from prefloop.judge.stats import FAILURES, judge_stats
+    from prefloop.store import iter_records
+
+    out = state.out
+    statuses: Counter[str] = Counter()
+    info: dict[str, Any] = {"address": None, "startup_s": 0.0}
+    with JsonlStore(out) as store:
+        todo = [r for r in rows if r["id"] not in store.done]
+        progress = Progress(len(rows), "judge", initial=len(rows) - len(todo))
+        try:
+            if todo:
+                with ray_session(config.ray_address) as (ray, info):
+                    _check_fits(config, info)
+                    ds = _pipeline(ray, todo, JudgeActor, config, os.getcwd())
+                    by_id = {r["id"]: r for r in todo}
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        failed = 0
+                        for rid, verdict, who in zip(batch["id"], batch["verdict"], batch["judge"], strict=True):
+                            verdict, who = json.loads(verdict), json.loads(who)
+                            judge = SimpleNamespace(name=who["name"], info=who["info"])
+                            record = _judgment(by_id[str(rid)], verdict, judge, state.hash)
+                            statuses.update(verdict["statuses"])
+                            failed += record["status"] not in ("ok", "tie")
+                            store.append(record)
+                        store.commit()
+                        progress.update(done=len(batch["id"]) - failed, failed=failed)
+        finally:
+            progress.close()
+
+    stats = judge_stats((row for _, row in iter_records(out)), first_label=_first_label(config))
+    state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(statuses), stats=stats,
+                 **_engine_summary(config, info))
+    failures = {f"{f}_rate": stats[f"{f}_rate"] for f in FAILURES if stats.get(f"{f}_rate")}
+    if failures:
+        log.warning("judge: %s (failures are kept as failures, never labels)", failures)
+    return out
