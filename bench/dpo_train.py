@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import string
@@ -37,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine  # bench/machine.py (scripts run as `python bench/X.py`)
 
 SIZES = {  # TinyConfig fields; "demo" is TinyConfig()'s default, the demo's policy
     "demo": {},
@@ -83,13 +84,6 @@ def vm_rss_kb() -> int:
             return int(line.split()[1])
     return 0
 
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return ""
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
 
 
 def step_clock():
@@ -235,7 +229,6 @@ def main() -> None:
     unknown = set(cases) - set(CASES)
     if unknown:
         sys.exit(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
-    import torch
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="prefloop-bench-dpo-") as tmp:
@@ -244,7 +237,7 @@ def main() -> None:
             runs.append(measure(name, steps, args.warmup, args.threads, Path(tmp), args.verbose))
 
     threads = runs[0]["rows"]["prefloop"]["torch_threads"]
-    print(f"\n{os.cpu_count()} cores ({cpu_flags()}), {threads} torch threads per row; batch {BATCH_SIZE}; "
+    print(f"\n{os.cpu_count()} cores ({machine()['cpu_flags']}), {threads} torch threads per row; batch {BATCH_SIZE}; "
           f"first {args.warmup} steps untimed\n")
     print("| case | params | tokens/pair | row | tokens/s | CPU s | peak RSS MB | +RSS MB (training) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -262,9 +255,8 @@ def main() -> None:
         met = "yes" if all(r["target_met"].values()) else "NO"
         print(f"| {r['case']} | {r['speed_ratio']:.2f}x | {r['train_rss_ratio']:.2f}x | {met} |")
     result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": {"cores": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
-                          "torch_threads": threads, "torch": torch.__version__,
-                          "trl": __import__("trl").__version__, "peft": __import__("peft").__version__},
+              "machine": {**machine(), "torch_threads": threads, "trl": __import__("trl").__version__,
+                          "peft": __import__("peft").__version__},
               "quick": args.quick, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import string
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine  # bench/machine.py (scripts run as `python bench/X.py`)
 
 SIZES = {  # TinyConfig fields
     "tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4},
@@ -74,13 +75,6 @@ def first(result):
         result = result[0]
     return result
 
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return ""
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
 
 
 def measure(size: str, count: int, short: bool, batch_size: int) -> dict:
@@ -169,8 +163,7 @@ def main() -> None:
           + ", ".join(f"{r['auto_pair_order_agreement']:.1%}" for r in runs) + " of pairs (random-weight RMs: "
           "many pairs are near ties)")
     result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": {"cores": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
-                          "torch_threads": torch.get_num_threads()},
+              "machine": {**machine(), "torch_threads": torch.get_num_threads()},
               "batch_size": args.batch_size, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
