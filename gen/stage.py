@@ -26,7 +26,8 @@ from pathlib import Path
 from prefloop.config import ConfigError, field
 from prefloop.gen import BACKENDS, GenerationAborted, Sampling, encode_prompt, load_generator, resolve_backend
 from prefloop.progress import Progress
-from prefloop.ray_engine import check_engine, generate_on_ray
+from prefloop.ray_engine import ENGINES, check_engine, generate_on_ray
+from prefloop.ray_llm import check_ray_llm, generate_on_ray_llm
 from prefloop.records import LoadedPrompts, load_prompts
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, JsonlStore, parse_shard, shard_of
@@ -90,8 +91,9 @@ class GenerateConfig:
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
     # Engine (prefloop/ray_engine.py, docs/scaling.md). Not hashed: where the work runs does not change what a
     # record means, so a run started locally may be resumed on Ray and back.
-    engine: str = field("local", help="Where to run: local (this process) or ray (Ray Data actors; needs "
-                        "`pip install 'prefloop[ray]'`).", hash=False)
+    engine: str = field("local", help="Where to run: local (this process), ray (Ray Data actors running this "
+                        "backend; `pip install 'prefloop[ray]'`), or ray-llm (Ray's own vLLM processor, "
+                        "ray.data.llm; needs vllm too).", hash=False)
     ray_address: str | None = field(None, help="ray: cluster address (default: $RAY_ADDRESS, else start a local "
                                     "cluster).", hash=False)
     ray_actors: int = field(1, help="ray: model replicas (actors); each loads the model once.", hash=False)
@@ -116,7 +118,9 @@ class GenerateConfig:
             parse_shard(self.shard)  # fails early on a malformed spec
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        check_engine(self)
+        check_engine(self, (*ENGINES, "ray-llm"))
+        if self.engine == "ray-llm":
+            check_ray_llm(self)
 
     @property
     def sampling(self) -> Sampling:
@@ -158,6 +162,8 @@ def run(config: GenerateConfig) -> Path:
     try:
         if config.engine == "ray":  # same store, same records; the batches run on Ray Data actors
             return generate_on_ray(config, state, loaded, prompts)
+        if config.engine == "ray-llm":  # the same again, sampled by Ray's own vLLM processor (ray.data.llm)
+            return generate_on_ray_llm(config, state, loaded, prompts)
         return _generate(config, state, loaded, prompts)
     except BaseException:
         if status == "fresh" and not (out.exists() and out.stat().st_size > 0):

