@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefloop.config import ConfigError, field
 from prefloop.gen import BACKENDS, GenerationAborted, Sampling, encode_prompt, load_generator, resolve_backend
 from prefloop.progress import Progress
-from prefloop.ray_engine import ENGINES, check_engine, generate_on_ray
+from prefloop.ray_engine import RAY_ENGINES, check_engine, generate_on_ray
 from prefloop.ray_llm import check_ray_llm, generate_on_ray_llm
 from prefloop.records import LoadedPrompts, load_prompts
 from prefloop.runstate import StageRun
@@ -118,7 +119,7 @@ class GenerateConfig:
             parse_shard(self.shard)  # fails early on a malformed spec
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        check_engine(self, (*ENGINES, "ray-llm"))
+        check_engine(self, ("local", *RAY_ENGINES))
         if self.engine == "ray-llm":
             check_ray_llm(self)
 
@@ -203,14 +204,7 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
                         "already in the cache)."
                     ) from e
                 too_long = _too_long(generator, todo, config.max_new_tokens, loaded)
-                if too_long and not config.skip_too_long:
-                    raise InputError(_too_long_message(too_long, config, generator.max_context, loaded))
-                if too_long:
-                    skipped = [p["id"] for p, _ in too_long]
-                    log.warning("generate: skipped %d prompts too long for the context (skip_too_long), e.g. %s",
-                                len(skipped), ", ".join(map(repr, skipped[:5])))
-                    skip = set(skipped)
-                    todo = [p for p in todo if p["id"] not in skip]
+                todo, skipped = drop_too_long(too_long, todo, config, getattr(generator, "max_context", None), loaded)
             progress = Progress(len(prompts) - len(skipped), "generate", initial=resumed)
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
@@ -242,35 +236,25 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
                         f"{out}; re-run the same command to resume.",
                         aborted.partial,
                     ) from aborted
-                if len(failed_ids) > config.max_failed_fraction * len(prompts):
-                    raise GenerationAborted(
-                        f"generate: {len(failed_ids)} of {len(prompts)} prompts failed, over the ceiling "
-                        f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in {out}; "
-                        "fix the cause and re-run the same command to resume.",
-                        results,
-                    )
+                check_failed_ceiling(len(failed_ids), len(prompts), config, out, results)
         finally:
             if progress is not None:
                 progress.close()
             if generator is not None:
                 generator.close()
 
-    status = "done" if not failed_ids else "incomplete"
-    state.finish(
-        status,
-        prompts=len(prompts),
-        written=len(prompts) - len(failed_ids) - len(skipped),
-        resumed=resumed,
-        failed=len(failed_ids),
-        skipped_too_long=len(skipped),
-        duplicates_dropped=loaded.duplicates,
-        tokens=progress.tokens,
-        tokens_per_s=round(progress.tokens_per_s, 1),
-        engine="local",
-    )
-    if failed_ids:
-        log.warning("generate: %d prompts failed and were not written; re-run to retry them", len(failed_ids))
+    finish(state, loaded, progress, len(prompts), len(failed_ids), len(skipped), resumed, engine="local")
     return out
+
+
+def encode_all(tokenizer, prompts: list[dict], name: str, loaded: LoadedPrompts) -> Iterator[tuple[dict, list[int]]]:
+    """(prompt, its token ids) as every local backend encodes it; a prompt that cannot be encoded (e.g. messages for
+    a tokenizer without a chat template) stops the stage, naming its file:line."""
+    for p in prompts:
+        try:
+            yield p, encode_prompt(tokenizer, p["prompt"], name)
+        except ValueError as e:
+            raise InputError(f"{loaded.locations.get(p['id'], p['id'])}: {e}") from None
 
 
 def _too_long(generator, prompts: list[dict], max_new_tokens: int, loaded: LoadedPrompts) -> list[tuple[dict, int]]:
@@ -279,15 +263,53 @@ def _too_long(generator, prompts: list[dict], max_new_tokens: int, loaded: Loade
     tokenizer, context = getattr(generator, "tokenizer", None), getattr(generator, "max_context", None)
     if tokenizer is None or not context:
         return []
-    out = []
-    for p in prompts:
-        try:
-            length = len(encode_prompt(tokenizer, p["prompt"], generator.name))
-        except ValueError as e:  # e.g. message prompts for a tokenizer without a chat template
-            raise InputError(f"{loaded.locations.get(p['id'], p['id'])}: {e}") from None
-        if length > context - max_new_tokens:
-            out.append((p, length))
-    return out
+    return [(p, len(ids)) for p, ids in encode_all(tokenizer, prompts, generator.name, loaded)
+            if len(ids) > context - max_new_tokens]
+
+
+def drop_too_long(too_long: list[tuple[dict, int]], todo: list[dict], config: GenerateConfig, context: int | None,
+                  loaded: LoadedPrompts) -> tuple[list[dict], list[str]]:
+    """(prompts left, ids skipped): refuse the stage over a too-long prompt, or with skip_too_long drop them."""
+    if too_long and not config.skip_too_long:
+        raise InputError(_too_long_message(too_long, config, context, loaded))
+    skipped = [p["id"] for p, _ in too_long]
+    if not skipped:
+        return todo, []
+    log.warning("generate: skipped %d prompts too long for the context (skip_too_long), e.g. %s", len(skipped),
+                ", ".join(map(repr, skipped[:5])))
+    skip = set(skipped)
+    return [p for p in todo if p["id"] not in skip], skipped
+
+
+def check_failed_ceiling(failed: int, total: int, config: GenerateConfig, out: Path, partial: list | None = None
+                         ) -> None:
+    """More than `max_failed_fraction` of the prompts failed: stop the stage (records on disk are kept)."""
+    if failed > config.max_failed_fraction * total:
+        raise GenerationAborted(
+            f"generate: {failed} of {total} prompts failed, over the ceiling "
+            f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in {out}; "
+            "fix the cause and re-run the same command to resume.",
+            partial or [],
+        )
+
+
+def finish(state: StageRun, loaded: LoadedPrompts, progress: Progress, total: int, failed: int, skipped: int,
+           resumed: int, **engine) -> None:
+    """The stage summary every engine writes (`engine` names where it ran); failed prompts are warned about."""
+    state.finish(
+        "done" if not failed else "incomplete",
+        prompts=total,
+        written=total - failed - skipped,
+        resumed=resumed,
+        failed=failed,
+        skipped_too_long=skipped,
+        duplicates_dropped=loaded.duplicates,
+        tokens=progress.tokens,
+        tokens_per_s=round(progress.tokens_per_s, 1),
+        **engine,
+    )
+    if failed:
+        log.warning("generate: %d prompts failed and were not written; re-run to retry them", failed)
 
 
 def _too_long_message(too_long: list[tuple[dict, int]], config: GenerateConfig, context: int,

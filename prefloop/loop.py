@@ -407,10 +407,11 @@ def _ray_scope(config: LoopConfig):
     """Phases on `engine: ray` (set per phase: `gen: {engine: ray, ray_actors: 4}`, `judge: {engine: ray}`; eval
     inherits `gen`'s and `judge`'s) share one Ray connection for the whole run instead of one per phase."""
     phases = [config.gen, {**config.gen, **config.eval}, config.judge, {**config.judge, **config.eval_judge}]
-    ray_phases = [s for s in phases if s.get("engine") in ("ray", "ray-llm")]
+    from prefloop.ray_engine import RAY_ENGINES, ray_session
+
+    ray_phases = [s for s in phases if s.get("engine") in RAY_ENGINES]
     if not ray_phases:
         return contextlib.nullcontext()
-    from prefloop.ray_engine import ray_session
 
     return ray_session(next((s["ray_address"] for s in ray_phases if s.get("ray_address")), None))
 

@@ -120,7 +120,7 @@ def _check_fits(config: Any, info: dict[str, Any]) -> None:
 
 
 def _engine_summary(config: Any, info: dict[str, Any]) -> dict[str, Any]:
-    return {"engine": "ray", "ray": {"address": info["address"], "actors": config.ray_actors,
+    return {"engine": config.engine, "ray": {"address": info["address"], "actors": config.ray_actors,
                                      "num_cpus": config.ray_num_cpus, "num_gpus": config.ray_num_gpus,
                                      "batch_size": config.ray_batch_size, "startup_s": info["startup_s"]}}
 
@@ -132,10 +132,7 @@ def _pipeline(ray, rows: list[dict[str, Any]], actor: type, config: Any, cwd: st
     Arrow would have to unify into one schema; text needs none, and the driver writes what it parsed anyway.
     """
     items = [{"id": r["id"], "row": json.dumps(r, ensure_ascii=False)} for r in rows]
-    # Several blocks per actor, so every actor gets work and a batch is never waiting on one huge block.
-    blocks = max(1, min(len(items), -(-len(items) // config.ray_batch_size)))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    return ds.map_batches(
+    return dataset(ray, items, config.ray_batch_size).map_batches(
         actor,
         batch_size=config.ray_batch_size,
         batch_format="numpy",
@@ -144,6 +141,11 @@ def _pipeline(ray, rows: list[dict[str, Any]], actor: type, config: Any, cwd: st
         num_gpus=config.ray_num_gpus or None,
         fn_constructor_kwargs={"config": config, "cwd": cwd},
     )
+
+
+def dataset(ray, items: list[dict[str, Any]], batch_size: int):
+    """A Ray dataset of `items` in one block per batch: every actor gets work, no batch waits on one huge block."""
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // batch_size))))
 
 
 def _enter(cwd: str) -> None:
@@ -213,7 +215,7 @@ class GenerateActor:
 def generate_on_ray(config: Any, state: Any, loaded: Any, prompts: list[dict[str, Any]]) -> Path:
     """The `--engine ray` body of `prefloop generate` (gen/stage.py decides; see this module's docstring)."""
     from prefloop.gen import GenerationAborted
-    from prefloop.gen.stage import _candidate
+    from prefloop.gen.stage import _candidate, check_failed_ceiling, finish
 
     out = state.out
     failed: list[str] = []
@@ -238,28 +240,11 @@ def generate_on_ray(config: Any, state: Any, loaded: Any, prompts: list[dict[str
                             raise GenerationAborted(
                                 f"generate stopped: {aborted}. The {len(store.done)} prompts finished so far are "
                                 f"kept in {out}; re-run the same command to resume.", [])
-                        if len(failed) > config.max_failed_fraction * len(prompts):
-                            raise GenerationAborted(
-                                f"generate: {len(failed)} of {len(prompts)} prompts failed, over the ceiling "
-                                f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in "
-                                f"{out}; fix the cause and re-run the same command to resume.", [])
+                        check_failed_ceiling(len(failed), len(prompts), config, out)
         finally:
             progress.close()
 
-    state.finish(
-        "done" if not failed else "incomplete",
-        prompts=len(prompts),
-        written=len(prompts) - len(failed) - len(skipped),
-        resumed=resumed,
-        failed=len(failed),
-        skipped_too_long=len(skipped),
-        duplicates_dropped=loaded.duplicates,
-        tokens=progress.tokens,
-        tokens_per_s=round(progress.tokens_per_s, 1),
-        **_engine_summary(config, info),
-    )
-    if failed:
-        log.warning("generate: %d prompts failed and were not written; re-run to retry them", len(failed))
+    finish(state, loaded, progress, len(prompts), len(failed), len(skipped), resumed, **_engine_summary(config, info))
     return out
 
 

@@ -36,8 +36,8 @@ from typing import Any
 
 from prefloop.config import ConfigError
 from prefloop.progress import Progress
-from prefloop.ray_engine import _check_fits, _engine_summary, ray_session
-from prefloop.store import InputError, JsonlStore
+from prefloop.ray_engine import _check_fits, _engine_summary, dataset, ray_session
+from prefloop.store import JsonlStore
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ def generate_on_ray_llm(config: Any, state: Any, loaded: Any, prompts: list[dict
     """The `--engine ray-llm` body of `prefloop generate` (gen/stage.py decides; see this module's docstring)."""
     from transformers import AutoTokenizer
 
-    from prefloop.gen import GenerationAborted, encode_prompt
-    from prefloop.gen.stage import _candidate, _too_long_message
+    from prefloop.gen.stage import _candidate, check_failed_ceiling, drop_too_long, encode_all, finish
 
     out = state.out
     info: dict[str, Any] = {"address": None, "startup_s": 0.0}
@@ -189,19 +188,12 @@ def generate_on_ray_llm(config: Any, state: Any, loaded: Any, prompts: list[dict
             except (OSError, ValueError) as e:
                 raise ConfigError(f"cannot load --model {config.model}: {' '.join(str(e).split())} Fix: pass a "
                                   "model directory or a hub id (offline: one already in the cache).") from e
-            too_long = []
-            for p in todo:
-                try:
-                    encoded[p["id"]] = encode_prompt(tokenizer, p["prompt"], config.model)
-                except ValueError as e:
-                    raise InputError(f"{loaded.locations.get(p['id'], p['id'])}: {e}") from None
-                if context and len(encoded[p["id"]]) > context - config.max_new_tokens:
-                    too_long.append((p, len(encoded.pop(p["id"]))))
-            if too_long and not config.skip_too_long:
-                raise InputError(_too_long_message(too_long, config, context, loaded))
-            skipped = [p["id"] for p, _ in too_long]
-            if skipped:
-                log.warning("generate: skipped %d prompts too long for the context (skip_too_long)", len(skipped))
+            encoded = {p["id"]: ids for p, ids in encode_all(tokenizer, todo, config.model, loaded)}
+            too_long = [(p, len(encoded[p["id"]])) for p in todo
+                        if context and len(encoded[p["id"]]) > context - config.max_new_tokens]
+            todo, skipped = drop_too_long(too_long, todo, config, context, loaded)
+            for rid in skipped:
+                del encoded[rid]
         progress = Progress(len(prompts) - len(skipped), "generate", initial=resumed)
         try:
             if encoded:
@@ -211,20 +203,15 @@ def generate_on_ray_llm(config: Any, state: Any, loaded: Any, prompts: list[dict
                 with ray_session(config.ray_address) as (ray, info):
                     _check_fits(config, info)
                     rows = _requests(config, encoded)
-                    blocks = max(1, min(len(rows), -(-len(rows) // config.ray_batch_size)))
                     processor = build_processor(
                         processor_config(config, processor_cls),
                         postprocess=_postprocess(config.max_new_tokens, eos, config.logprobs))
-                    ds = processor(ray.data.from_items(rows, override_num_blocks=blocks))
+                    ds = processor(dataset(ray, rows, config.ray_batch_size))
                     want = 1 if config.temperature <= 0 else config.n
                     arrived: dict[str, dict[int, dict]] = {}
                     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
                         _write(batch, arrived, want, by_id, store, config, state, progress, failed, _candidate)
-                        if len(failed) > config.max_failed_fraction * len(prompts):
-                            raise GenerationAborted(
-                                f"generate: {len(failed)} of {len(prompts)} prompts failed, over the ceiling "
-                                f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in "
-                                f"{out}; fix the cause and re-run the same command to resume.", [])
+                        check_failed_ceiling(len(failed), len(prompts), config, out)
                     if arrived:  # the dataset ended without some samples: never write a prompt short of n
                         log.warning("generate: %d prompts came back without all their samples, e.g. %r; not "
                                     "written, a re-run retries them", len(arrived), next(iter(arrived)))
@@ -232,22 +219,7 @@ def generate_on_ray_llm(config: Any, state: Any, loaded: Any, prompts: list[dict
         finally:
             progress.close()
 
-    summary = _engine_summary(config, info)
-    summary["engine"] = "ray-llm"
-    state.finish(
-        "done" if not failed else "incomplete",
-        prompts=len(prompts),
-        written=len(prompts) - len(failed) - len(skipped),
-        resumed=resumed,
-        failed=len(failed),
-        skipped_too_long=len(skipped),
-        duplicates_dropped=loaded.duplicates,
-        tokens=progress.tokens,
-        tokens_per_s=round(progress.tokens_per_s, 1),
-        **summary,
-    )
-    if failed:
-        log.warning("generate: %d prompts failed and were not written; re-run to retry them", len(failed))
+    finish(state, loaded, progress, len(prompts), len(failed), len(skipped), resumed, **_engine_summary(config, info))
     return out
 
 
