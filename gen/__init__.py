@@ -125,8 +125,18 @@ def resolve_backend(backend: str) -> str:
 
 
 def load_generator(backend: str, model: str, adapter: str | None = None, **options) -> Generator:
-    """Construct the named backend. Options are backend-specific (e.g. `batch_size` for hf, `base_url` for openai)."""
+    """Construct the named backend. Options are backend-specific (e.g. `batch_size` for hf, `base_url` for openai).
+
+    Local backends (hf, vllm) load what `prefloop.models` resolves: a .gguf file (converted once, in the backend's
+    dtype), a `prefloop train` output as the model (its merged/ or model/) or as the adapter (its adapter/); a local
+    path that is neither raises `ConfigError`. For openai, `model` is the server's model name, passed as is.
+    """
     backend = resolve_backend(backend)
+    if backend in ("hf", "vllm"):
+        from prefloop.models import resolve_adapter, resolve_model
+
+        model = resolve_model(model, dtype=options.get("dtype", "auto"))
+        adapter = resolve_adapter(adapter) if adapter else None
     if backend == "hf":
         from prefloop.gen.hf import HFGenerator
 

@@ -38,10 +38,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenerateConfig:
-    model: str = field(help="Model directory or hub id of the policy to sample from.")
+    model: str = field(help="Policy to sample from: a model directory, hub id, .gguf file (converted once), or a "
+                       "`prefloop train` output (its merged/ or model/). openai: the server's model name.")
     prompts: str = field(help="Prompts file: JSONL, JSON array, parquet, csv, or a local HF dataset directory.")
     out: str = field(help="Candidates JSONL to write (appended to on resume).", hash=False)
-    adapter: str | None = field(None, help="PEFT LoRA adapter directory applied on top of --model.")
+    adapter: str | None = field(None, help="PEFT LoRA adapter directory (or a `prefloop train` output) applied on "
+                                "top of --model.")
     backend: str = field("hf", help="Generation backend: hf, vllm, openai, or auto (vllm if it imports, else hf).")
     n: int = field(4, help="Completions sampled per prompt.")
     max_new_tokens: int = field(64, help="Maximum new tokens per completion.")
@@ -192,6 +194,8 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
                 options = config.backend_options(backend)
                 try:
                     generator = load_generator(backend, config.model, config.adapter, **options)
+                except ConfigError:  # prefloop.models already said which path is wrong and what to pass
+                    raise
                 except (OSError, ValueError) as e:
                     # A server's errors (openai) already name the URL and the fix; an OSError with an errno is real
                     # I/O (a full disk, a permission), which the CLI names. transformers says "not found" this way.

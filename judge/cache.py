@@ -21,14 +21,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from prefloop.models import cache_root
+
 log = logging.getLogger(__name__)
 
 
 def default_dir() -> Path:
-    if os.environ.get("PREFLOOP_CACHE_DIR"):
-        return Path(os.environ["PREFLOOP_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "prefloop" / "judge"
+    """`$PREFLOOP_CACHE_DIR` itself (as before models were cached there too), else `<prefloop cache>/judge`."""
+    return cache_root() if os.environ.get("PREFLOOP_CACHE_DIR") else cache_root() / "judge"
 
 
 def resolve_dir(setting: str | None) -> Path | None:
@@ -40,14 +40,19 @@ def resolve_dir(setting: str | None) -> Path | None:
 
 def fingerprint(path_or_id: str | None) -> Any:
     """Identity of a model: for a local directory, its weights' names, sizes and mtimes (retrained at the same
-    path = a new judge); for a hub id or server model name, the name itself."""
+    path = a new judge), those of a `prefloop train` output's adapter/, merged/ and model/ included; for a local
+    file (a .gguf), its size and mtime; for a hub id or server model name, the name itself."""
     if not path_or_id:
         return None
     path = Path(path_or_id)
+    if path.is_file():
+        return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
     if not path.is_dir():
         return path_or_id
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-    return [str(path.resolve())] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    dirs = [path] + [path / d for d in ("adapter", "merged", "model") if (path / d).is_dir()]
+    files = sorted(p for d in dirs for p in d.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    return [str(path.resolve())] + [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                                    for p in files]
 
 
 class JudgeCache:

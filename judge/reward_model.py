@@ -47,6 +47,7 @@ class RewardModelJudge:
             raise ValueError(f"rm_template = {template!r}. Fix: use one of {', '.join(TEMPLATES)}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        model = _resolve(model)
         self.batch_size = batch_size
         self.device = resolve_device(device)
         # Padded tokens per forward. On a CPU the forward is compute-bound and big activations fall out of cache:
@@ -147,6 +148,20 @@ class RewardModelJudge:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _resolve(model: str) -> str:
+    """The reward model's path (`prefloop.models`: a local path that is not a model says so and is never looked up
+    on the hub). GGUF files and `prefloop train` outputs hold policies (causal LMs), not reward models: refused."""
+    from prefloop.config import ConfigError
+    from prefloop.models import is_gguf, is_train_output, resolve_model
+
+    if is_gguf(model) or is_train_output(model):
+        kind = "a GGUF file" if is_gguf(model) else "a `prefloop train` output"
+        raise ConfigError(f"{model}: {kind} holds a policy (a causal LM), not a reward model. Fix: pass a "
+                          f"sequence-classification model, or train one from it: python -m prefloop.train.reward "
+                          f"--model {model} --pairs PAIRS --out RM.")
+    return resolve_model(model)
 
 
 def _output_column(config, output: str | int) -> int:

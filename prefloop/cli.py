@@ -8,6 +8,7 @@
     prefloop run --config loop.yaml                 # rounds of all of the above
     prefloop report RUN_DIR
     prefloop merge --out all.jsonl shard0.jsonl shard1.jsonl
+    prefloop models [smollm2] [--path]              # packaged models: --model smollm2 (a GGUF, converted once)
 
 Every subcommand takes `--config file.yaml`; flags given on the command line win over the file.
 """
@@ -67,6 +68,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     merge.add_argument("inputs", nargs="+", help="Shard JSONL files.")
     merge.add_argument("--out", required=True, help="Merged JSONL to write (atomically).")
     merge.add_argument("--config", help="Unused; accepted for symmetry.")
+    models = sub.add_parser("models", help="Packaged models and their files (pass the name or the path as --model).")
+    models.add_argument("name", nargs="?", help="One packaged model (default: all of them).")
+    models.add_argument("--path", action="store_true", help="Print only the file's path, e.g. for "
+                        '--model "$(prefloop models smollm2 --path)".')
+    models.add_argument("--config", help="Unused; accepted for symmetry.")
     return parser
 
 
@@ -151,7 +157,20 @@ def _dispatch(args: argparse.Namespace) -> Any:
         torn = f", {counts['torn']} torn line{'s' * (counts['torn'] > 1)} skipped" if counts["torn"] else ""
         return (f"{args.out}: {counts['records']} records ({counts['duplicates']} duplicates, {counts['conflicts']} "
                 f"conflicts{torn})")
+    if args.command == "models":
+        return _models(args.name, args.path)
     raise AssertionError(args.command)
+
+
+def _models(name: str | None, path_only: bool) -> str:
+    """`name<TAB>path` per packaged model (or just the paths); a missing package is an error saying how to get it."""
+    from prefloop.config import ConfigError
+    from prefloop.models import PACKAGED, packaged_gguf
+
+    if name is not None and name not in PACKAGED:
+        raise ConfigError(f"{name}: not a packaged model. Fix: choose one of: {', '.join(PACKAGED)}.")
+    paths = {n: packaged_gguf(n) for n in ([name] if name else PACKAGED)}
+    return "\n".join(str(p) if path_only else f"{n}\t{p}" for n, p in paths.items())
 
 
 if __name__ == "__main__":

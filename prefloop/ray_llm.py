@@ -182,6 +182,7 @@ def generate_on_ray_llm(config: Any, state: Any, loaded: Any, prompts: list[dict
         encoded: dict[str, list[int]] = {}
         if todo:
             build_processor, processor_cls = _import_processor()
+            config = _resolved(config)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(config.model)
                 context = _max_context(config)
@@ -221,6 +222,19 @@ def generate_on_ray_llm(config: Any, state: Any, loaded: Any, prompts: list[dict
 
     finish(state, loaded, progress, len(prompts), len(failed), len(skipped), resumed, **_engine_summary(config, info))
     return out
+
+
+def _resolved(config: Any) -> Any:
+    """A copy of the stage config naming what `prefloop.models` resolves (a .gguf converted once, a train output's
+    merged/ or adapter/), as every engine loads it; the stage's own config keeps the names as the user wrote them."""
+    import copy
+
+    from prefloop.models import resolve_adapter, resolve_model
+
+    resolved = copy.copy(config)
+    resolved.model = resolve_model(config.model, dtype=config.dtype)
+    resolved.adapter = resolve_adapter(config.adapter) if config.adapter else None
+    return resolved
 
 
 def _write(batch, arrived, want, by_id, store, config, state, progress, failed, make) -> None:

