@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from prefloop.errors import PrefloopError
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,12 @@ class Sampling:
     # options "A" and "B" of a multiple-choice judge). Exact on `hf`, which reads them from the logits; servers
     # and vLLM return only their top k, so there they count when they are among it.
     logprobs_for: tuple[str, ...] = ()
+    # One seed per prompt of the call (prompt i's k-th sample uses seeds[i] + k): a prompt's samples then depend on
+    # the prompt alone, not on its batch, so a resumed stage writes what a straight run did. None: derived from seed.
+    seeds: list[int] | None = None
 
 
-class GenerationAborted(RuntimeError):
+class GenerationAborted(PrefloopError, RuntimeError):
     """A fatal error part-way through a `generate` call (e.g. the API quota ran out).
 
     `partial` has the same shape as `generate`'s result: the prompts that finished, `None` for the rest. The stage
@@ -81,6 +85,15 @@ def encode_prompt(tokenizer, prompt: Prompt, name: str = "model") -> list[int]:
     else:
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_seeds(sampling: Sampling, count: int, n: int) -> list[int]:
+    """Each prompt's seed for one call: `sampling.seeds` (one per prompt), else `sampling.seed + i * n`."""
+    if sampling.seeds is None:
+        return [(sampling.seed + i * n) % 2**31 for i in range(count)]
+    if len(sampling.seeds) != count:
+        raise ValueError(f"{len(sampling.seeds)} seeds for {count} prompts: give one seed per prompt.")
+    return [s % 2**31 for s in sampling.seeds]
 
 
 def check_context(lengths: list[int], max_new_tokens: int, context: int | None) -> None:

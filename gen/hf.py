@@ -27,10 +27,17 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from prefloop.device import resolve_device, resolve_dtype
-from prefloop.gen import Sampling, check_context, encode_prompt, merge_alternatives
+from prefloop.gen import Sampling, check_context, encode_prompt, merge_alternatives, prompt_seeds
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -143,7 +150,8 @@ class HFGenerator:
         return {"text": text, "finish_reason": "length", "num_tokens": len(tokens)}
 
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> list[list[Completion] | None]:
-        """`n` completions per prompt, in input order. Reproducible for the same (seed, prompts, batch_size)."""
+        """`n` completions per prompt, in input order. Prompt i's k-th sample is drawn with the seed
+        `sampling.seeds[i] + k` (default `sampling.seed + i * n + k`), whatever else shares its batch."""
         if self.model is None:
             raise RuntimeError("HFGenerator.generate called after close().")
         if n < 1:
@@ -151,25 +159,23 @@ class HFGenerator:
         encoded = [self._encode(p) for p in prompts]
         check_context([len(e) for e in encoded], sampling.max_new_tokens, self.max_context)
         greedy = sampling.temperature <= 0
-        # Greedy decoding is deterministic, so the n completions are identical: decode once and copy (transformers
-        # refuses num_return_sequences > 1 without sampling anyway).
+        # Greedy decoding is deterministic, so the n completions are identical: decode once and copy.
         per_prompt = 1 if greedy else n
+        # Sampling is prefloop's `_RowSampler` (each row its own seeded generator), after which generate's greedy
+        # step takes the one token left: what a prompt gets does not depend on the batch it shares.
         options = dict(
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=per_prompt,
-            do_sample=not greedy,
+            do_sample=False,
+            temperature=None, top_p=None, top_k=None,  # the model's generation_config must not warp again
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids,
         )
-        if not greedy:
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=self._top_k)
+        seeds = prompt_seeds(sampling, len(prompts), n)
         capture = None
         if sampling.logprobs or sampling.top_logprobs:
             capture = _Capture(sampling.top_logprobs, self._ids_of(sampling.logprobs_for))
         if sampling.stop:  # lets generate end a row early; the cut itself is made in `_completion`
             options.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-        # One seed per call: the stage passes a seed per chunk, so a chunk regenerated on resume is the same sample.
-        torch.manual_seed(sampling.seed)
 
         results: list[list[Completion] | None] = [None] * len(prompts)
         pad = self.tokenizer.pad_token_id
@@ -181,16 +187,21 @@ class HFGenerator:
                 ids = encoded[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids) :] = 1
+            processors = []
             if capture is not None:
                 capture.reset()
-                options["logits_processor"] = LogitsProcessorList([capture])
+                processors.append(capture)  # first: it records the raw distribution
+            if not greedy:
+                processors.append(_RowSampler([seeds[i] + k for i in batch for k in range(per_prompt)], sampling,
+                                              self._top_k))
+            options["logits_processor"] = LogitsProcessorList(processors)
             with torch.inference_mode():
                 inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
                 if per_prompt > 1 and width > 1 and self._share_prefill:
                     inputs = self._prefill_once(inputs, per_prompt)
-                    options["num_return_sequences"] = 1
+                elif per_prompt > 1:
+                    inputs = {k: v.repeat_interleave(per_prompt, 0) for k, v in inputs.items()}
                 out = self.model.generate(**inputs, **options)
-                options["num_return_sequences"] = per_prompt
                 new = out[:, width:]
                 steps = capture.finish(new) if capture is not None else None
             new_tokens = new.tolist()  # rows are prompt-major: p0 x k, p1 x k, ...
@@ -272,6 +283,34 @@ class _Steps:
     chosen: list[list[float]]
     top_ids: list[list[list[int]]]
     top_values: list[list[list[float]]]
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples every row with a generator of its own, seeded per prompt and sample, so what a prompt gets does not
+    depend on which prompts share its batch or call: a resumed run samples what a straight run did (up to float
+    rounding of a different batch shape, which moves a draw only when it falls within ~1e-6 of a boundary).
+
+    Temperature, top-k and top-p are transformers' own warpers, applied as `generate(do_sample=True)` would; the
+    row's draw then leaves one token, which generate's greedy step takes.
+    """
+
+    def __init__(self, seeds: list[int], sampling: Sampling, top_k: int) -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float()
+        for warp in self.warpers:
+            logits = warp(input_ids, logits)
+        probs = logits.softmax(-1).cpu()
+        picks = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators,
+                                                                                    strict=True)])
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(-1, picks.to(scores.device).unsqueeze(-1), 0.0)
 
 
 class _Capture(LogitsProcessor):

@@ -254,7 +254,9 @@ class OpenAIGenerator:
                 self._top_ups += attempt > 0
                 # Seeds differ per prompt and per top-up; vLLM gives the k-th of n choices seed + k, so random
                 # (hashed) seeds rather than seed + 1 keep a top-up from repeating an earlier choice.
-                seed = derive_seed(sampling.seed, i, attempt)
+                # With per-prompt seeds (the stage's), a prompt's requests depend on the prompt alone.
+                seed = (derive_seed(sampling.seeds[i], 0, attempt) if sampling.seeds
+                        else derive_seed(sampling.seed, i, attempt))
                 attempt += 1
                 batch = await self._request(i, prompt, want - len(got), sampling, seed)
                 empty = empty + 1 if not batch else 0

@@ -17,7 +17,6 @@ e.g. an exhausted API quota) writes the prompts that finished in its chunk, then
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from prefloop.config import ConfigError, field
 from prefloop.gen import BACKENDS, GenerationAborted, Sampling, encode_prompt, load_generator, resolve_backend
+from prefloop.lock import exclusive
 from prefloop.progress import Progress
 from prefloop.ray_engine import RAY_ENGINES, check_engine, generate_on_ray
 from prefloop.ray_llm import check_ray_llm, generate_on_ray_llm
@@ -143,11 +143,13 @@ class GenerateConfig:
                 "ready_timeout": self.ready_timeout}
 
 
-def chunk_seed(seed: int, first_id: str) -> int:
-    """A chunk's seed depends on its content, not its position, so a resumed run samples like a fresh one would."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{first_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """A prompt's seed (its k-th sample uses it + k) depends on its id, not its position or batch, so a resumed run
+    samples what a straight run did (tests/reliability/test_kill.py compares the completions)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
+@exclusive
 def run(config: GenerateConfig) -> Path:
     """Generate `config.n` completions per prompt into `config.out`; return its path. See module docstring."""
     out = Path(config.out)
@@ -169,12 +171,8 @@ def run(config: GenerateConfig) -> Path:
             return generate_on_ray_llm(config, state, loaded, prompts)
         return _generate(config, state, loaded, prompts)
     except BaseException:
-        if status == "fresh" and not (out.exists() and out.stat().st_size > 0):
-            # Nothing was made with this config (a wrong --model, a too-long prompt, Ctrl-C while loading): forget
-            # it, so the corrected command starts fresh instead of being refused as config drift.
-            for path in (state.config_path, out):
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
+        # Nothing made with this config (a wrong --model, a too-long prompt, Ctrl-C while loading) is forgotten.
+        state.forget_if_empty()
         raise
 
 
@@ -213,7 +211,8 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
                 sampling = config.sampling
-                sampling.seed = chunk_seed(config.seed, chunk[0]["id"])
+                sampling.seed = prompt_seed(config.seed, chunk[0]["id"])
+                sampling.seeds = [prompt_seed(config.seed, p["id"]) for p in chunk]  # a prompt's samples: its own
                 aborted = None
                 decoded_before = getattr(generator, "tokens_generated", None)
                 try:

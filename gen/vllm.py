@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefloop.gen import Sampling, check_context, encode_prompt, merge_alternatives
+from prefloop.gen import Sampling, check_context, encode_prompt, merge_alternatives, prompt_seeds
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class VLLMGenerator:
         encoded = [encode_prompt(self.tokenizer, p, self.name) for p in prompts]
         check_context([len(e) for e in encoded], sampling.max_new_tokens, self.max_context)
         # Seeds n apart: prompt i's samples use seed_i + 0..n-1, so no two samples in a call share a seed.
-        params = [self._params(sampling, n, (sampling.seed + i * n) % 2**31) for i in range(len(prompts))]
+        params = [self._params(sampling, n, seed) for seed in prompt_seeds(sampling, len(prompts), n)]
         outputs = self.llm.generate(
             [{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False, lora_request=self.lora_request
         )

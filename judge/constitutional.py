@@ -110,8 +110,10 @@ class ConstitutionalJudge:
         return [{"role": "system", "content": self.constitution.system}] if self.constitution.system else []
 
     def _generate(self, inputs: list[Any], sampling: Sampling) -> list[dict[str, Any] | None]:
-        """Completions for `inputs`; an input too long for the model gets None (its row fails, alone)."""
-        fits = [i for i, x in enumerate(inputs) if too_long(self.generator, x, sampling.max_new_tokens) is None]
+        """Completions for `inputs`; an input too long for the model gets None (its row fails, alone). `self.why`
+        then holds, per input, why it has no usable completion (None where it has one)."""
+        reasons = [too_long(self.generator, x, sampling.max_new_tokens) for x in inputs]
+        fits = [i for i, why in enumerate(reasons) if why is None]
         out: list[dict[str, Any] | None] = [None] * len(inputs)
         if fits:
             results, sent = complete(self.generator, [inputs[i] for i in fits], sampling, self.cache,
@@ -119,6 +121,11 @@ class ConstitutionalJudge:
             self.calls += sent
             for i, c in zip(fits, results, strict=True):
                 out[i] = c
+                if c is None:
+                    reasons[i] = "the model returned no completion"
+                elif not c["text"].strip() and sampling.max_new_tokens > 1:
+                    reasons[i] = "the model's answer was empty"
+        self.why = reasons
         return out
 
     def judge(self, rows: list[dict[str, Any]]) -> list[Verdict]:
@@ -154,18 +161,18 @@ class ConstitutionalJudge:
                           for r, *_ in active}
             critiques = self._generate([conv + [{"role": "user", "content": principles[r].critique}]
                                         for r, _, conv, _ in active], sampling)
-            for (r, _, conv, _), c in zip(active, critiques, strict=True):
+            for (r, _, conv, _), c, why in zip(active, critiques, self.why, strict=True):
                 if c is None or not c["text"].strip():
-                    failed[r] = f"pass {step + 1}: the critique request failed or came back empty"
+                    failed[r] = f"pass {step + 1}: the critique request failed: {why or 'empty answer'}"
                 else:
                     conv += [{"role": "user", "content": principles[r].critique},
                              {"role": "assistant", "content": c["text"]}]
             active = [item for item in active if item[0] not in failed]
             revised = self._generate([conv + [{"role": "user", "content": principles[r].revision}]
                                       for r, _, conv, _ in active], sampling)
-            for (r, _, conv, chain), c in zip(active, revised, strict=True):
+            for (r, _, conv, chain), c, why in zip(active, revised, self.why, strict=True):
                 if c is None or not c["text"].strip():
-                    failed[r] = f"pass {step + 1}: the revision request failed or came back empty"
+                    failed[r] = f"pass {step + 1}: the revision request failed: {why or 'empty answer'}"
                     continue
                 chain.append({"principle": principles[r].id, "critic_prompt": principles[r].critique,
                               "critic_response": conv[-1]["content"], "revision_prompt": principles[r].revision,

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.config import ConfigError, field
+from prefloop.errors import StageFailed
+from prefloop.lock import exclusive
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, atomic_write, dumps, iter_records
 
@@ -217,6 +219,7 @@ def load_judgments(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+@exclusive
 def run(config: PairsConfig) -> Path:
     """Select pairs from `config.judgments` into `config.out`; return its path. See module docstring."""
     out = Path(config.out)
@@ -247,10 +250,21 @@ def run(config: PairsConfig) -> Path:
             lines.append(dumps(to_trl(judgment, chosen, rejected, pair_id, meta)))
             chosen_len += len(chosen[2])
             rejected_len += len(rejected[2])
-    atomic_write(out, "".join(lines))
     n = max(len(lines), 1)
-    state.finish(
-        "done", prompts=prompts, pairs=len(lines), drops=dict(sorted(drops.items())),
-        mean_chosen_chars=round(chosen_len / n, 2), mean_rejected_chars=round(rejected_len / n, 2),
-    )
+    counts = dict(prompts=prompts, pairs=len(lines), drops=dict(sorted(drops.items())),
+                  mean_chosen_chars=round(chosen_len / n, 2), mean_rejected_chars=round(rejected_len / n, 2))
+    if not lines:  # nothing to train on is a failed stage, never an empty success (a re-run selects again)
+        state.forget_if_empty()  # nothing was made: a corrected command (other settings) starts fresh
+        raise StageFailed(no_pairs_message(config.judgments, prompts, drops))
+    atomic_write(out, "".join(lines))
+    state.finish("done", **counts)
     return out
+
+
+def no_pairs_message(judgments: str | Path, prompts: int, drops: Counter) -> str:
+    """Why no pair came out of `judgments`: the drop counts, largest first, and the fix for the usual causes."""
+    reasons = ", ".join(f"{k} {v}" for k, v in drops.most_common()) or "no judgments"
+    return (f"{judgments}: 0 pairs from {prompts} prompts (dropped: {reasons}). Fix: look at the judgments' "
+            "statuses and errors (judge_failed: the judge failed; tie: every answer scored the same, so sample more "
+            "or more diverse answers; truncated: raise max_new_tokens or pass --keep-truncated; below_margin: "
+            "lower --min-margin).")

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict
+from prefloop.errors import StageFailed
 from prefloop.gen import BACKENDS as GEN_BACKENDS
 from prefloop.gen import resolve_backend
 from prefloop.judge import BACKENDS, Judge, load_judge
@@ -29,8 +31,9 @@ from prefloop.judge.cache import JudgeCache, fingerprint, resolve_dir
 from prefloop.judge.constitution import load_constitution
 from prefloop.judge.stats import FAILURES, judge_stats
 from prefloop.judge.templates import Template, load_template
+from prefloop.lock import exclusive
 from prefloop.progress import Progress
-from prefloop.ray_engine import check_engine, judge_on_ray
+from prefloop.ray_engine import RayJudges, check_engine
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, JsonlStore, iter_records
 
@@ -85,6 +88,11 @@ class JudgeConfig:
     batch_size: int = field(256, help="Completions per judge call (python); sequences per forward (models).",
                             hash=False)
     chunk_size: int = field(256, help="Prompts per persisted chunk.", hash=False)
+    max_failed_fraction: float = field(
+        0.5, help="Stop the stage when more than this share of judgments (completions scored, or comparisons) fail. "
+        "Failures are kept as failures, never labels; past this share the data would be thin or the judge broken.",
+        hash=False,  # what a record means does not depend on it: raise it and re-run to resume
+    )
     cache: str = field("auto", help="Judge cache directory for model judges: auto (~/.cache/prefloop/judge or "
                        "$PREFLOOP_CACHE_DIR), off, or a path.", hash=False)
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
@@ -218,6 +226,7 @@ def load_candidates(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+@exclusive
 def run(config: JudgeConfig) -> Path:
     """Judge every candidates record into `config.out`; return its path. See module docstring."""
     out = Path(config.out)
@@ -231,50 +240,105 @@ def run(config: JudgeConfig) -> Path:
         if judge_ is not None:
             judge_.close()
         return out
-    if config.engine == "ray":  # same store, same records; the batches run on Ray Data actors
-        if judge_ is not None:
-            judge_.close()  # loaded only to fail early on a bad --reward-fn; the actors load their own
-        return judge_on_ray(config, state, rows)
-
-    statuses: Counter[str] = Counter()
-    judge = None
+    if config.engine == "ray" and judge_ is not None:
+        judge_.close()  # loaded only to fail early on a bad --reward-fn; the actors load their own
+        judge_ = None
+    # The executor turns pending rows into (row, verdict, judge) batches; this driver alone writes and counts.
+    executor = RayJudges(config) if config.engine == "ray" else LocalJudges(config, judge_)
+    tally = Tally(config.max_failed_fraction)
     with JsonlStore(out) as store:
         todo = [r for r in rows if r["id"] not in store.done]
         progress = Progress(len(rows), "judge", initial=len(rows) - len(todo))
         try:
-            if todo:
-                judge = judge_ or _load(config)
-            for start in range(0, len(todo), config.chunk_size):
-                chunk = todo[start : start + config.chunk_size]
-                verdicts = judge.judge(chunk)
-                failed = 0
-                for row, verdict in zip(chunk, verdicts, strict=True):
-                    record = _judgment(row, verdict, judge, state.hash)
-                    statuses.update(verdict["statuses"])
-                    failed += record["status"] not in ("ok", "tie")
+            for batch in executor.batches(todo):
+                records = [_judgment(row, verdict, judge, state.hash) for row, verdict, judge in batch]
+                failure = tally.add(records)
+                if failure:  # the batch that crosses the ceiling is not written: a fixed re-run judges it again
+                    if store.done or not state.forget_if_empty():
+                        state.finish("failed", prompts=len(rows), judged=tally.rows - len(records), error=failure,
+                                     **executor.summary())
+                    raise StageFailed(f"judge: {failure} Rows judged before are kept in {out}. Fix: remove the "
+                                      "first error's cause (or raise --max-failed-fraction to keep failures on "
+                                      "record), then re-run the same command to resume.")
+                for record in records:
                     store.append(record)
                 store.commit()
-                progress.update(done=len(chunk) - failed, failed=failed)
+                progress.update(done=len(records) - tally.last_failed, failed=tally.last_failed)
         finally:
             progress.close()
-            if judge is not None:
-                judge.close()
-            elif judge_ is not None:
-                judge_.close()
+            executor.close()
 
     stats = judge_stats((row for _, row in iter_records(out)), first_label=_first_label(config))
-    extra = {}
-    cache = getattr(getattr(judge, "cache", None), "hits", None)
-    if cache is not None:
-        extra["cache"] = {"hits": judge.cache.hits, "misses": judge.cache.misses}
-    if judge is not None and hasattr(judge, "calls"):
-        extra["judge_calls"] = judge.calls
-    state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(statuses), stats=stats,
-                 engine="local", **extra)
+    state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(tally.statuses),
+                 stats=stats, failed_units=tally.failed, **executor.summary())
     failures = {f"{f}_rate": stats[f"{f}_rate"] for f in FAILURES if stats.get(f"{f}_rate")}
     if failures:
         log.warning("judge: %s (failures are kept as failures, never labels)", failures)
     return out
+
+
+class Tally:
+    """The judge stage's counts and its failure ceiling.
+
+    The unit is what the judge labels: a comparison for pairwise judges, a completion for scoring ones. A batch
+    whose cumulative failure share (this run's units so far, the batch included) exceeds `ceiling` stops the stage
+    before it is written, so a judge that fails everything (a reward function that raises, a context too small for
+    the judge prompt) stops at its first batch, and a healthy run is not stopped by a bad tail.
+    """
+
+    def __init__(self, ceiling: float) -> None:
+        self.ceiling = ceiling
+        self.statuses: Counter[str] = Counter()
+        self.rows = self.units = self.failed = self.last_failed = 0
+        self.first_error: str | None = None
+
+    def add(self, records: list[dict[str, Any]]) -> str | None:
+        """Count `records`; return the ceiling's one-line message if they cross it, else None."""
+        self.rows += len(records)
+        self.last_failed = 0
+        for record in records:
+            self.statuses.update(record["statuses"])
+            units = record.get("comparisons") or [{"status": s, "error": e} for s, e in
+                                                  zip(record["statuses"], record["errors"], strict=True)]
+            bad = [u for u in units if u["status"] in FAILURES]
+            self.units += len(units)
+            self.failed += len(bad)
+            self.last_failed += record["status"] not in ("ok", "tie")
+            if bad and self.first_error is None:
+                u = bad[0]
+                why = u.get("error") or next((e for e in u.get("errors") or [] if e), None) or "no detail"
+                self.first_error = f"{record['id']!r}: {u['status']}: {why}"
+        if self.failed and self.failed > self.ceiling * self.units:
+            what = "comparisons" if records and records[0].get("comparisons") is not None else "completions"
+            return (f"{self.failed} of {self.units} {what} failed (over the ceiling max_failed_fraction="
+                    f"{self.ceiling}); the first: {' '.join(str(self.first_error).split())[:400]}.")
+        return None
+
+
+class LocalJudges:
+    """The local executor: this process's judge, one call per `chunk_size` rows."""
+
+    def __init__(self, config: JudgeConfig, judge: Judge | None) -> None:
+        self.config, self.judge = config, judge
+
+    def batches(self, todo: list[dict[str, Any]]) -> Iterator[list[tuple[dict[str, Any], dict[str, Any], Judge]]]:
+        for start in range(0, len(todo), self.config.chunk_size):
+            self.judge = self.judge or _load(self.config)
+            chunk = todo[start : start + self.config.chunk_size]
+            yield list(zip(chunk, self.judge.judge(chunk), [self.judge] * len(chunk), strict=True))
+
+    def summary(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"engine": "local"}
+        cache = getattr(self.judge, "cache", None)
+        if getattr(cache, "hits", None) is not None:
+            extra["cache"] = {"hits": cache.hits, "misses": cache.misses}
+        if self.judge is not None and hasattr(self.judge, "calls"):
+            extra["judge_calls"] = self.judge.calls
+        return extra
+
+    def close(self) -> None:
+        if self.judge is not None:
+            self.judge.close()
 
 
 def _load(config: JudgeConfig) -> Judge:

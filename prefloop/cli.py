@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prefloop import __version__
-from prefloop.config import ConfigError, add_arguments, from_args
+from prefloop.config import add_arguments, from_args
 
 
 def _stage(module: str, config_cls: str) -> tuple[type, Callable[[Any], Any]]:
@@ -87,14 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     # The openai SDK's HTTP client logs every request at INFO: one line per completion request.
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from prefloop.gen import GenerationAborted
-    from prefloop.runstate import ConfigDriftError
-    from prefloop.store import InputError
+    from prefloop.errors import PrefloopError
     from prefloop.train.distributed import is_replica
 
     try:
         result = _dispatch(args)
-    except (InputError, ConfigError, ConfigDriftError, GenerationAborted) as e:
+    except PrefloopError as e:  # every failure a user can cause: one line, exit 2 (prefloop/errors.py)
         print(f"prefloop {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from prefloop.errors import PrefloopError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(PrefloopError, ValueError):
     """A config that cannot work; the message names the key and the fix."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from prefloop import __version__
 from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict, to_dict
+from prefloop.errors import StageFailed
 from prefloop.gen import resolve_backend
 from prefloop.gen.stage import GenerateConfig
 from prefloop.gen.stage import run as generate
@@ -40,6 +41,7 @@ from prefloop.judge.pairs import PairsConfig
 from prefloop.judge.pairs import run as select_pairs
 from prefloop.judge.stage import JudgeConfig
 from prefloop.judge.stage import run as judge
+from prefloop.lock import exclusive
 from prefloop.records import load_prompts
 from prefloop.runstate import StageRun, read_summary
 from prefloop.store import atomic_write, atomic_write_json, dumps, iter_records
@@ -314,7 +316,9 @@ def _generate_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
     out = generate(config.stage_config("generate", k, {**config.gen, **policy}))
     summary = read_summary(out)
     if summary.get("status") != "done":
-        raise RuntimeError(f"round {k}: generate ended {summary.get('status')}: {summary}")
+        raise StageFailed(f"round {k}: generate ended {summary.get('status')} ({summary.get('failed')} of "
+                          f"{summary.get('prompts')} prompts failed). Fix: see {out.with_suffix('.summary.json')} "
+                          "and the log; re-run the same command to retry the failed prompts.")
     return out, {**summary, "mean_length": _mean_length(out)}
 
 
@@ -324,19 +328,18 @@ def _judge_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
 
 
 def _pairs_phase(config: LoopConfig, k: int, d: Path):
-    out = select_pairs(config.stage_config("pairs", k, {}))
-    summary = read_summary(out)
-    if not summary.get("pairs"):
+    try:
+        out = select_pairs(config.stage_config("pairs", k, {}))
+    except StageFailed as e:
         stats = read_summary(d / "judgments.jsonl").get("stats") or {}
         hint = ""
         if stats.get("first_position_win_rate") is not None:
-            hint = (f"; the judge picked the first slot {stats['first_position_win_rate']:.0%} of the time and its "
-                    f"two orders agreed {stats.get('agreement_rate') or 0:.0%} of the time")
-        raise RuntimeError(
-            f"round {k}: no pairs to train on (drops: {summary.get('drops')}{hint}). Fix: see the judge's summary "
-            f"in {d / 'judgments.summary.json'} and the report; a judge with a strong position bias or failing "
-            "parses labels nothing."
-        )
+            hint = (f" The judge picked the first slot {stats['first_position_win_rate']:.0%} of the time and its "
+                    f"two orders agreed {stats.get('agreement_rate') or 0:.0%} of the time: a judge with a strong "
+                    "position bias or failing parses labels nothing.")
+        raise StageFailed(f"round {k}: no pairs to train on: {e}{hint} See {d / 'judgments.summary.json'} and "
+                          "the report.") from None
+    summary = read_summary(out)
     if config.data == "accumulate":
         parts = [Path(config.out) / f"round_{j:03d}" / "pairs.jsonl" for j in range(1, k + 1)]
         atomic_write(d / "train_pairs.jsonl", b"".join(p.read_bytes() for p in parts))
@@ -416,6 +419,7 @@ def _ray_scope(config: LoopConfig):
     return ray_session(next((s["ray_address"] for s in ray_phases if s.get("ray_address")), None))
 
 
+@exclusive
 def run(config: LoopConfig) -> Path:
     """Run (or resume) the loop in `config.out`; return the run directory. See module docstring."""
     root = Path(config.out)

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -170,7 +170,7 @@ class GenerateActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from prefloop.gen import GenerationAborted, encode_prompt
-        from prefloop.gen.stage import chunk_seed
+        from prefloop.gen.stage import prompt_seed
 
         rows = [json.loads(r) for r in batch["row"]]
         status = ["ok"] * len(rows)
@@ -186,7 +186,8 @@ class GenerateActor:
         if todo:
             sampling = self.config.sampling
             # The seed depends on the batch's content (its first id), as a local chunk's does.
-            sampling.seed = chunk_seed(self.config.seed, rows[todo[0]]["id"])
+            sampling.seed = prompt_seed(self.config.seed, rows[todo[0]]["id"])
+            sampling.seeds = [prompt_seed(self.config.seed, rows[i]["id"]) for i in todo]
             try:
                 out = self.generator.generate([rows[i]["prompt"] for i in todo], self.config.n, sampling)
             except GenerationAborted as e:  # keep what finished; the driver writes it, then stops the stage
@@ -309,42 +310,31 @@ class JudgeActor:
             self.judge.close()
 
 
-def judge_on_ray(config: Any, state: Any, rows: list[dict[str, Any]]) -> Path:
-    """The `--engine ray` body of `prefloop judge`: same records, statistics and summary as the local engine."""
-    from prefloop.judge.stage import _first_label, _judgment
-    from prefloop.judge.stats import FAILURES, judge_stats
-    from prefloop.store import iter_records
+class RayJudges:
+    """The `--engine ray` executor of `prefloop judge` (judge/stage.py drives it): batches of (row, verdict, judge)
+    from `JudgeActor`s, in the order Ray finishes them."""
 
-    out = state.out
-    statuses: Counter[str] = Counter()
-    info: dict[str, Any] = {"address": None, "startup_s": 0.0}
-    with JsonlStore(out) as store:
-        todo = [r for r in rows if r["id"] not in store.done]
-        progress = Progress(len(rows), "judge", initial=len(rows) - len(todo))
-        try:
-            if todo:
-                with ray_session(config.ray_address) as (ray, info):
-                    _check_fits(config, info)
-                    ds = _pipeline(ray, todo, JudgeActor, config, os.getcwd())
-                    by_id = {r["id"]: r for r in todo}
-                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                        failed = 0
-                        for rid, verdict, who in zip(batch["id"], batch["verdict"], batch["judge"], strict=True):
-                            verdict, who = json.loads(verdict), json.loads(who)
-                            judge = SimpleNamespace(name=who["name"], info=who["info"])
-                            record = _judgment(by_id[str(rid)], verdict, judge, state.hash)
-                            statuses.update(verdict["statuses"])
-                            failed += record["status"] not in ("ok", "tie")
-                            store.append(record)
-                        store.commit()
-                        progress.update(done=len(batch["id"]) - failed, failed=failed)
-        finally:
-            progress.close()
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.info: dict[str, Any] = {"address": None, "startup_s": 0.0}
 
-    stats = judge_stats((row for _, row in iter_records(out)), first_label=_first_label(config))
-    state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(statuses), stats=stats,
-                 **_engine_summary(config, info))
-    failures = {f"{f}_rate": stats[f"{f}_rate"] for f in FAILURES if stats.get(f"{f}_rate")}
-    if failures:
-        log.warning("judge: %s (failures are kept as failures, never labels)", failures)
-    return out
+    def batches(self, todo: list[dict[str, Any]]) -> Iterator[list[tuple[dict[str, Any], dict[str, Any], Any]]]:
+        if not todo:
+            return
+        with ray_session(self.config.ray_address) as (ray, self.info):
+            _check_fits(self.config, self.info)
+            ds = _pipeline(ray, todo, JudgeActor, self.config, os.getcwd())
+            by_id = {r["id"]: r for r in todo}
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                out = []
+                for rid, verdict, who in zip(batch["id"], batch["verdict"], batch["judge"], strict=True):
+                    who = json.loads(who)
+                    out.append((by_id[str(rid)], json.loads(verdict), SimpleNamespace(name=who["name"],
+                                                                                      info=who["info"])))
+                yield out
+
+    def summary(self) -> dict[str, Any]:
+        return _engine_summary(self.config, self.info)
+
+    def close(self) -> None:
+        pass

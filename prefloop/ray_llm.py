@@ -14,7 +14,7 @@ What prefloop adds around the processor (it returns one `generated_text` per row
   `tokenized_prompt`, so Ray's chat-template, tokenize and detokenize stages are off and vLLM detokenizes. The
   driver holds the tokenizer, so prompts too long for the context are found before any work (`skip_too_long`).
 - `n` completions per prompt: each prompt becomes `n` requests (one for greedy decoding, copied `n` times) with
-  seeds `chunk_seed(seed, id) + k`: reproducible per prompt whatever the batching, so a resumed run samples as a
+  seeds `prompt_seed(seed, id) + k`: reproducible per prompt whatever the batching, so a resumed run samples as a
   fresh one would. The driver regroups the requests by id and writes a prompt only when all its samples arrived.
 - `finish_reason` is not in the processor's output; it is "length" when the completion used `max_new_tokens`
   without ending in an end-of-sequence token, else "stop" (exact except for a stop string matched on the very
@@ -120,13 +120,13 @@ def processor_config(config: Any, cls: type) -> Any:
 
 def _requests(config: Any, encoded: dict[str, list[int]]) -> list[dict[str, Any]]:
     """One row per sample to draw: `n` per prompt, one when greedy (the driver copies it)."""
-    from prefloop.gen.stage import chunk_seed
+    from prefloop.gen.stage import prompt_seed
 
     greedy = config.temperature <= 0
     adapter = str(Path(config.adapter).resolve()) if config.adapter else None
     rows = []
     for rid, ids in encoded.items():
-        base = chunk_seed(config.seed, rid)
+        base = prompt_seed(config.seed, rid)
         for k in range(1 if greedy else config.n):
             params = {"max_tokens": config.max_new_tokens, "temperature": 0.0 if greedy else config.temperature,
                       "top_p": 1.0 if greedy else config.top_p, "seed": None if greedy else (base + k) % 2**31}

@@ -11,6 +11,7 @@ ends. For a directory output (a trained model) the same files live inside it as 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,12 +24,13 @@ from typing import Any
 import yaml
 
 from prefloop.config import changed_keys, config_hash, dump_yaml, hashed_dict, to_dict
+from prefloop.errors import PrefloopError
 from prefloop.store import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
-class ConfigDriftError(RuntimeError):
+class ConfigDriftError(PrefloopError, RuntimeError):
     """An unfinished (or finished) output exists that was made with a different config."""
 
 
@@ -71,12 +73,17 @@ class StageRun:
         self.config_path = sidecar(self.out, "config.yaml", self.directory)
         self.summary_path = sidecar(self.out, "summary.json", self.directory)
         self.started = time.time()
+        self.began: str | None = None
 
     def begin(self, new_run: bool = False) -> str:
         """Check the output against the config; return "done" (nothing to do), "resume" or "fresh".
 
         Raises `ConfigDriftError` naming the changed keys when the output was made with another config.
         """
+        self.began = self._begin(new_run)
+        return self.began
+
+    def _begin(self, new_run: bool) -> str:
         if new_run:
             self._move_aside()
         if self.config_path.exists():
@@ -108,6 +115,17 @@ class StageRun:
             dump_yaml(to_dict(self.config), header=f"# prefloop {self.stage} — config_hash: {self.hash}"),
         )
         return "fresh"
+
+    def forget_if_empty(self) -> bool:
+        """After a failure: if this run started the output (`begin` said "fresh") and wrote no record, remove what it
+        did write (config, summary, an empty output), so the corrected command starts fresh instead of being refused
+        as config drift. Return whether it did."""
+        if self.began != "fresh" or self._output_exists():
+            return False
+        for path in (self.config_path, self.summary_path, *(() if self.directory else (self.out,))):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        return True
 
     def summary(self) -> dict[str, Any]:
         if self.summary_path.exists():

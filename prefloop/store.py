@@ -30,13 +30,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from prefloop.errors import PrefloopError
+
 log = logging.getLogger(__name__)
 
 _ID_PREFIX = b'{"id": '
 _decoder = json.JSONDecoder()
 
 
-class InputError(ValueError):
+class InputError(PrefloopError, ValueError):
     """Bad input: the message names the file, the line, and the fix. Raised before any work starts."""
 
 

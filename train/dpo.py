@@ -29,6 +29,7 @@ finished stage does nothing. Resuming with a changed config is refused, naming t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -39,6 +40,7 @@ from typing import Any
 
 from prefloop.config import ConfigError, add_arguments, field, from_args, to_dict
 from prefloop.device import resolve_device, resolve_dtype
+from prefloop.lock import output_lock
 from prefloop.runstate import StageRun
 from prefloop.store import atomic_dir, atomic_write_json
 from prefloop.train.distributed import decide_on_main, gathered_state_dict, is_replica, quiet_replicas, world
@@ -391,6 +393,12 @@ def run(config: TrainConfig, callbacks: list | None = None) -> Path:
     args = training_args(config)  # also sets up the process state: one process, or this rank of a launch
     ranks = PartialState()
     quiet_replicas(ranks)
+    # The main rank holds the output's lock for the whole run (it alone writes); ranks are one run, not rivals.
+    with output_lock(out) if ranks.is_main_process else contextlib.nullcontext():
+        return _train(config, callbacks, args, ranks, out, final)
+
+
+def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, final: Path) -> Path:
     state = StageRun("train", out, config, directory=True)
     state.summary_path = out / "train_summary.json"  # the name the loop and report read
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefloop.config import ConfigError, dump_yaml, field, from_dict, to_dict
+from prefloop.errors import PrefloopError
 from prefloop.store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 TAIL_LINES = 30  # lines of the launch's output kept for the error message (a Python traceback fits)
 
 
-class TrainLaunchError(RuntimeError):
+class TrainLaunchError(PrefloopError, RuntimeError):
     """`accelerate launch` of the train stage exited non-zero; the message carries its last lines."""
 
 

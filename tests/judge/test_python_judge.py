@@ -172,3 +172,26 @@ def test_load_function_bad_spec(spec):
     """A spec that is not FILE.py:function or module:function is refused, showing the expected form."""
     with pytest.raises(ValueError, match="FILE.py:function"):
         load_function(spec)
+
+
+def test_a_reward_function_that_raises_on_every_row_stops_the_stage(tmp_path, capsys):
+    """Every completion's judgment failed (116 of 116 in the report that found it): exit 2 with one line giving
+    the counts, the first error and the fix; nothing is written, and the fixed function then judges every row."""
+    import json
+
+    from prefloop.cli import main
+    from prefloop.store import read_records
+
+    rows = [_row(f"p{i}", f"{i}+1=", [str(i + 1), "x", "y", "z"]) for i in range(29)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "fn.py").write_text("def score(prompts, completions, **kw):\n    raise KeyError('answer')\n")
+    args = ["judge", "--candidates", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "j.jsonl"),
+            "--judge", "python", "--reward-fn", f"{tmp_path / 'fn.py'}:score"]
+    assert main(args) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("prefloop judge: error:")]
+    assert "116 of 116 completions failed (over the ceiling max_failed_fraction=0.5)" in line
+    assert "the first: 'p0': error:" in line and "KeyError" in line and "Fix: " in line
+    assert not list(tmp_path.glob("j.*"))
+    (tmp_path / "fn.py").write_text("def score(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    assert main(args) == 0
+    assert len(read_records(tmp_path / "j.jsonl")) == 29

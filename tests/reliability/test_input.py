@@ -100,7 +100,7 @@ def test_a_prompt_too_long_for_the_context_stops_before_any_generation(tiny_mode
                     "context of 128 tokens with max_new_tokens=4 fits prompts of at most 124 tokens. Nothing was "
                     "generated. Fix: shorten or drop it, lower --max-new-tokens, or pass --skip-too-long to skip "
                     "such prompts (counted in the summary as `skipped_too_long`).")
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # nothing made, nothing left: not even the folder it would have made
 
     assert main([*args, "--skip-too-long"]) == 0
     records = read_records(out)
@@ -171,7 +171,7 @@ def test_a_reward_function_that_raises_or_returns_non_numbers_fails_only_those_r
         "p2": ["raise", "nan"], "p3": ["good", "bad!!"]})
     judgments = tmp_path / "judgments.jsonl"
     assert main(["-q", "judge", "--candidates", str(cands), "--out", str(judgments), "--judge", "python",
-                 "--reward-fn", f"{tmp_path / 'shaky.py'}:shaky"]) == 0
+                 "--reward-fn", f"{tmp_path / 'shaky.py'}:shaky", "--max-failed-fraction", "1"]) == 0
     rows = {r["id"]: r for r in map(strict_json, judgments.read_text().splitlines())}
     assert rows["p0"]["scores"] == [None, 2.0, 4.0] and rows["p0"]["statuses"] == ["error", "ok", "ok"]
     assert rows["p0"]["errors"][0] == "reward function raised RuntimeError: verifier crashed on raise"

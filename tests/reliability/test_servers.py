@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from fake_server import FakeServer, Reply, Request, chat_answer, error
 
+from prefloop.errors import StageFailed
 from prefloop.gen import GenerationAborted
 from prefloop.gen import openai as oa
 from prefloop.gen.stage import GenerateConfig
@@ -84,7 +85,8 @@ class Stage:
         return judge(JudgeConfig(
             candidates=str(self.input), out=path, judge="llm", judge_model="m", judge_backend="openai",
             base_url=url, mode="pointwise", cache="off", chunk_size=4, api_key_env="PREFLOOP_TEST_SERVERS_KEY",
-            judge_engine={"ready_timeout": 10.0, "timeout": timeout, "max_retries": max_retries, "concurrency": 3}))
+            judge_engine={"ready_timeout": 10.0, "timeout": timeout, "max_retries": max_retries, "concurrency": 3},
+            **({"max_failed_fraction": max_failed_fraction} if max_failed_fraction != 0.1 else {})))
 
     def check_done(self, out: Path) -> list[dict]:
         """Every id exactly once, every judgment ok (judge: the scripted scores), summary done."""
@@ -234,9 +236,20 @@ def test_a_storm_longer_than_the_retry_budget(stage):
             assert out.read_bytes().startswith(before)
             stage.check_done(out)
         else:
-            out = stage.run(server.url, max_retries=2)
+            # Most judgments unserved: past its failure ceiling the judge stops, naming the first error, and writes
+            # none of the batch; a re-run once the server is healthy judges every row.
+            with pytest.raises(StageFailed, match="over the ceiling.*error: the judge backend failed"):
+                stage.run(server.url, max_retries=2)
+            out = stage.tmp / "out.jsonl"
+            before = out.read_bytes() if out.exists() else b""  # batches under the ceiling are kept, if any
+            healthy["on"] = True
+            rows = read_records(stage.run(server.url, max_retries=2))
+            assert sorted(r["id"] for r in rows) == stage.ids and out.read_bytes().startswith(before)
+            assert all(s == "ok" for r in rows[len(before.splitlines()):] for s in r["statuses"])
+            # Kept on record under a raised ceiling: each unserved judgment is `error` with its reason, never a score.
+            healthy["on"], good["n"] = False, 0
+            out = stage.run(server.url, "kept.jsonl", max_retries=2, max_failed_fraction=1)
             rows = read_records(out)
-            assert sorted(r["id"] for r in rows) == stage.ids
             statuses = [s for r in rows for s in r["statuses"]]
             assert "error" in statuses and statuses.count("ok") <= 5
             for r in rows:

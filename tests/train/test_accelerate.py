@@ -83,11 +83,18 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, tiny_
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= LOSS_ATOL
     assert one[-1] < one[0]  # it trained: the comparison is not between two flat lines
 
+    # Weights: 2 ranks sum gradients in another order than 1 process (and the kernels' order differs by CPU, e.g.
+    # with AMX units), and Adam divides each step by sqrt(v): for a weight whose gradient is ~0, rounding noise can
+    # flip its step's sign. Adam moves a weight at most ~lr per step, so no weight may differ by more than
+    # 2 * lr * steps, and nearly all of them (99%) must agree to fp32 noise (1e-5); a wrong data order or batch
+    # split moves most weights by far more (it already moves the losses by ~1e-3).
     w1 = load_file(single / "adapter" / "adapter_model.safetensors")
     w2 = load_file(Path(config.out) / "adapter" / "adapter_model.safetensors")
     assert w1.keys() == w2.keys()
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4)
+    bound = 2 * config.lr * 4
+    diffs = torch.cat([(w2[name] - w1[name]).abs().flatten() for name in w1])
+    assert diffs.max() <= bound, (diffs.max(), bound)
+    assert (diffs <= 1e-5).float().mean() >= 0.99, f"{int((diffs > 1e-5).sum())} of {diffs.numel()} weights differ"
 
     summary = json.loads((Path(config.out) / "train_summary.json").read_text())
     assert (summary["processes"], summary["global_batch"], summary["steps"]) == (2, 4, 4)
@@ -218,3 +225,25 @@ def test_loop_marks_a_failed_launch_with_its_output_tail(loop_dir):
     train = manifest["rounds"][1]["phases"]["train"]
     assert train["status"] == "failed"
     assert "TrainLaunchError" in train["error"] and "no-such-flag" in train["error"]
+
+
+EXAMPLES = Path(__file__).parent.parent.parent / "examples" / "accelerate"
+
+
+@pytest.mark.parametrize(("name", "kind", "detail"), [
+    ("cpu_ddp.yaml", "MULTI_GPU", {}), ("ddp.yaml", "MULTI_GPU", {}),
+    ("fsdp.yaml", "FSDP", {"fsdp_version": 2}),
+    ("deepspeed_zero2.yaml", "DEEPSPEED", {"zero_stage": 2}),
+    ("deepspeed_zero3.yaml", "DEEPSPEED", {"zero_stage": 3, "zero3_save_16bit_model": True}),
+])
+def test_example_accelerate_configs_parse_as_what_they_say(name, kind, detail):
+    """examples/accelerate/README.md says each file parses with accelerate's own loader: it does, as the kind of run
+    its name says (FSDP 2, ZeRO-2/3); the launch command prefloop builds passes the file through."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(EXAMPLES / name))
+    assert config.distributed_type.name == kind
+    section = config.fsdp_config if kind == "FSDP" else config.deepspeed_config if kind == "DEEPSPEED" else {}
+    assert {k: section.get(k) for k in detail} == detail
+    command, _ = build_command(Path("train.yaml"), LaunchConfig(config_file=str(EXAMPLES / name)))
+    assert command[command.index("--config_file") + 1] == str(EXAMPLES / name)
