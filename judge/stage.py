@@ -368,7 +368,7 @@ def _judgment(row: dict[str, Any], verdict: dict[str, Any], judge: Judge, chash:
         "scores": verdict["scores"],
         "statuses": verdict["statuses"],
         "errors": verdict["errors"],
-        # Row status per DESIGN.md: "ok" when every completion (or comparison) was judged, else the first
+        # Row status per docs/architecture.md "Records": "ok" when every completion (or comparison) was judged, else the first
         # failure's status (per-completion detail is in `statuses` and `errors`, per match in `comparisons`).
         "status": bad[0] if bad else "ok",
         "round": row.get("round", 0),

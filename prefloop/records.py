@@ -1,4 +1,4 @@
-"""Record types (DESIGN.md "Records") and the prompt loader that validates input before any work starts.
+"""Record types (docs/architecture.md "Records") and the prompt loader that validates input before any work starts.
 
 A prompt is either a plain string (raw text, completion style) or a list of messages (chat template), as in TRL
 and vLLM; the style carries through to the pairs. Every other column of a prompt row (e.g. `answer`) is kept and
@@ -40,7 +40,7 @@ class LoadedPrompts:
 
 
 def prompt_id(prompt: Prompt) -> str:
-    """Content id: `sha256(canonical JSON of the prompt)[:16]` (DESIGN.md), stable across runs and machines."""
+    """Content id: `sha256(canonical JSON of the prompt)[:16]` (docs/architecture.md "Records"), stable across runs and machines."""
     canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 

@@ -1,4 +1,4 @@
-"""Run state (DESIGN.md "The store", last bullet): config sidecar, drift refusal, done means done, --new-run.
+"""Run state (docs/architecture.md "Run state"): config sidecar, drift refusal, done means done, --new-run.
 
 The second half drives the real generate stage (`prefloop.gen.stage.run`, tiny local model, hf backend) through
 the same transitions end to end.

@@ -1,4 +1,4 @@
-"""The crash-safe JSONL store (DESIGN.md "The store"): append/commit/reopen, torn tails, ids, atomic writes, shards, merge."""
+"""The crash-safe JSONL store (docs/architecture.md "The store"): append/commit/reopen, torn tails, ids, atomic writes, shards, merge."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Kill anywhere: SIGKILL every stage at seeded random moments, resume with the same command, compare with a run
 that was never interrupted.
 
-DESIGN.md "The store": a crash loses at most the chunk in flight, records already on disk are kept byte-for-byte,
+docs/architecture.md "The store": a crash loses at most the chunk in flight, records already on disk are kept byte-for-byte,
 a torn tail is cut (and kept in `.torn`), resume is keyed by id, outputs that are not appendable are replaced
 whole. Each stage -- generate (hf and vllm), judge (a python verifier; an llm judge through the openai backend
 against a scripted loopback server in this process), pairs and train -- runs in a process of its own (see

@@ -9,8 +9,9 @@ in the run holds only whole lines with distinct ids, and the lines of every appe
 byte prefix of what is there now. After the final re-run: the manifest says done for every phase; each round's
 candidates and judgments hold every prompt id exactly once; the pairs equal, as a set, the pairs that `prefloop
 pairs` makes from the final judgments (same seed: the loop's `seed + round`); training resumed or finished
-with its adapter. Samples themselves are not compared with the straight run: a resumed chunk is sampled in another
-batch shape (DESIGN.md, "The store").
+with its adapter. Samples themselves are not compared with the straight run here: a train phase resumed from its
+checkpoint can differ from the straight run by float rounding, and later rounds sample from that policy
+(test_kill.py compares generate's samples, which per-prompt seeds make equal; docs/architecture.md, "The store").
 """
 
 from __future__ import annotations
