@@ -1,0 +1,67 @@
+"""The README's demo numbers: run `prefloop demo` in a fresh directory and record what it measured.
+
+    python bench/demo.py                      # -> bench/results/demo.json (about 5 minutes on 2 cores)
+    python bench/demo.py --backend vllm --rounds 2 --out-json bench/results/demo-vllm.json
+    python bench/readme.py                    # then the README's tables are rendered from the results
+
+Wall time and peak RSS are the `prefloop demo` command's own (a child process, measured by the OS); the per-round
+numbers come from the run's manifest: held-out accuracy, pairs kept, DPO seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import machine
+
+HERE = Path(__file__).parent
+
+
+def rounds_table(run_dir: Path) -> list[dict]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    out = []
+    for k, entry in enumerate(manifest["rounds"]):
+        phases = entry.get("phases", {})
+        evals = phases.get("eval", {}).get("summary", {})
+        out.append({
+            "round": k,
+            "accuracy": evals.get("accuracy"),
+            "pairs": phases.get("pairs", {}).get("summary", {}).get("pairs"),
+            "train_s": phases.get("train", {}).get("seconds"),
+        })
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="hf")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--out-json", default=str(HERE / "results" / "demo.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="prefloop-demo-"))
+    command = [sys.executable, "-m", "prefloop.cli", "-q", "demo", "--out", str(work), "--backend", args.backend]
+    if args.rounds is not None:
+        command += ["--rounds", str(args.rounds)]
+    started = time.monotonic()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.monotonic() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result = {"machine": machine(), "command": "prefloop demo" + (f" --backend {args.backend}" if args.backend != "hf"
+                                                                  else "") +
+              (f" --rounds {args.rounds}" if args.rounds is not None else ""),
+              "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb), "rounds": rounds_table(work / "run")}
+    Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
