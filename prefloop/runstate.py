@@ -25,7 +25,7 @@ import yaml
 
 from prefloop.config import changed_keys, config_hash, dump_yaml, hashed_dict, to_dict
 from prefloop.errors import PrefloopError
-from prefloop.store import atomic_write, atomic_write_json
+from prefloop.store import atomic_write, atomic_write_json, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class StageRun:
         return self.began
 
     def _begin(self, new_run: bool) -> str:
+        for path in (self.config_path, self.summary_path):  # a kill mid-write leaves a temp beside them: not output
+            remove_stale_temps(path)
         if new_run:
             self._move_aside()
         if self.config_path.exists():

@@ -384,3 +384,14 @@ def test_generate_out_without_suffix(gen_cfg):
         return
     assert Path(cfg.out).is_file()
     assert len(_records(cfg.out)) == N_PROMPTS
+
+
+def test_a_directory_output_killed_while_writing_its_config_starts_fresh(tmp_path):
+    """A kill inside the config's atomic write leaves only `.config.yaml.<pid>.<rand>.tmp` in a directory output (a
+    trained model's folder): that temp is not output, so the re-run starts fresh instead of refusing the folder
+    as "exists but has no config.yaml" (found by the loop's kill test)."""
+    out = tmp_path / "train"
+    out.mkdir()
+    (out / ".config.yaml.999999.abc123.tmp").write_text("partial: ")
+    assert StageRun("train", out, _cfg(tmp_path), directory=True).begin() == "fresh"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
