@@ -19,7 +19,9 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +85,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `kill PID` (a scheduler's stop) unwinds like Ctrl-C: cleanup runs (a vLLM engine's worker processes are shut
+    # down instead of orphaned, the output's lock file is removed), then exit 143 as SIGTERM's default would.
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
@@ -112,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None and not is_replica():  # under `accelerate launch`, one line per run, not per rank
         print(result)
     return 0
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 # errno -> (what it means, how to fix it). Records are appended whole, a failed append is cut back, and every other

@@ -10,35 +10,22 @@ once. Finally a SIGKILLed holder never blocks the next run (the kernel drops its
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from killing import Subprocess, Zygote, log_tail
+from killing import Subprocess, log_tail
+from workdirs import loop_workdir
 
-from prefloop.addition import make_prompts
 from prefloop.store import dumps, read_records
-from prefloop.tiny import save_tiny
-
-REWARD = "def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("concurrency")
-    save_tiny(d / "model")
-    (d / "prompts.jsonl").write_text("".join(dumps(r) for r in make_prompts(40, 0, "train")))
-    (d / "heldout.jsonl").write_text("".join(dumps(r) for r in make_prompts(8, 0, "heldout")))
-    (d / "reward.py").write_text(REWARD)
-    return d
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    z = Zygote("import torch, transformers, peft, datasets, trl\nfrom trl import DPOConfig, DPOTrainer\n"
-               "import prefloop.cli, prefloop.loop, prefloop.gen.hf, prefloop.train.dpo")
-    yield z
-    z.close()
+    return loop_workdir(tmp_path_factory.mktemp("concurrency"), train=40, heldout=8)
 
 
 def gate(target: str, gate_file: Path) -> str:
@@ -172,3 +159,28 @@ def test_two_generate_launches_moments_apart_write_each_id_once(workdir, tmp_pat
     assert codes in ([0, 0], [0, 2]), (log_tail(tmp_path / "a.log"), log_tail(tmp_path / "b.log"))
     ids = [r["id"] for r in read_records(out)]
     assert len(ids) == len(set(ids)) == 40
+
+
+def test_sigterm_unwinds_the_stage_like_ctrl_c(workdir, tmp_path):
+    """`kill PID` (SIGTERM, what schedulers send) runs prefloop's cleanup instead of dying on the spot: exit 143,
+    the lock file removed (a finally block ran; with vLLM the same path shuts the engine's workers down), and the
+    same command then resumes to a whole output."""
+    argv, out, hold_at = stage_args("generate", workdir, tmp_path)
+    opened = tmp_path / "gate"
+    script = (gate(hold_at, opened) + "import sys\nfrom prefloop.cli import main\n"
+              f"sys.exit(main({['-q', *argv]!r}))")
+    with open(tmp_path / "a.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script], stderr=log, start_new_session=True)
+    lock = out.with_name(out.name + ".lock")
+    deadline = time.monotonic() + 300
+    while not Path(f"{opened}.reached").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log_tail(tmp_path / "a.log")
+        time.sleep(0.05)
+    assert lock.exists()
+    proc.send_signal(signal.SIGTERM)
+    opened.touch()  # the store's exit path commits what it wrote; the gate must not hold that commit too
+    assert proc.wait(timeout=120) == 143, log_tail(tmp_path / "a.log")
+    assert not lock.exists()
+    resumed = Subprocess().start(argv, tmp_path / "b.log")
+    assert resumed.wait() == 0, log_tail(tmp_path / "b.log")
+    assert len(read_records(out)) == 40
