@@ -2,6 +2,7 @@
 
     python bench/demo.py                      # -> bench/results/demo.json (about 5 minutes on 2 cores)
     python bench/demo.py --backend vllm --rounds 2 --out-json bench/results/demo-vllm.json
+    python bench/demo.py --task instructions --out-json bench/results/demo-instructions.json   # SmolLM2, ~30 min
     python bench/readme.py                    # then the README's tables are rendered from the results
 
 Wall time and peak RSS are the `prefloop demo` command's own (a child process, measured by the OS); the per-round
@@ -36,28 +37,39 @@ def rounds_table(run_dir: Path) -> list[dict]:
             "accuracy": evals.get("accuracy"),
             "pairs": phases.get("pairs", {}).get("summary", {}).get("pairs"),
             "train_s": phases.get("train", {}).get("seconds"),
+            "round_s": round(sum(p.get("seconds") or 0 for p in phases.values()), 1),
+            "mean_answer_chars": evals.get("mean_length"),
         })
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default="hf")
+    parser.add_argument("--task", default="addition", choices=("addition", "instructions"))
+    parser.add_argument("--backend", default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--out-json", default=str(HERE / "results" / "demo.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="prefloop-demo-"))
-    command = [sys.executable, "-m", "prefloop.cli", "-q", "demo", "--out", str(work), "--backend", args.backend]
+    command = [sys.executable, "-m", "prefloop.cli", "-q", "demo", "--task", args.task, "--out", str(work)]
+    if args.backend is not None:
+        command += ["--backend", args.backend]
     if args.rounds is not None:
         command += ["--rounds", str(args.rounds)]
     started = time.monotonic()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.monotonic() - started
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    result = {"machine": machine(), "command": "prefloop demo" + (f" --backend {args.backend}" if args.backend != "hf"
-                                                                  else "") +
-              (f" --rounds {args.rounds}" if args.rounds is not None else ""),
-              "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb), "rounds": rounds_table(work / "run")}
+    flags = [f"--task {args.task}"] if args.task != "addition" else []
+    flags += [f"--backend {args.backend}"] if args.backend is not None else []
+    flags += [f"--rounds {args.rounds}"] if args.rounds is not None else []
+    result = {"machine": machine(), "command": " ".join(["prefloop demo", *flags]), "wall_s": round(wall, 1),
+              "peak_rss_mb": round(peak_mb), "rounds": rounds_table(work / "run")}
+    plain = work / "run" / "plain_questions.json"
+    if plain.exists():  # the instructions demo: general questions before and after, answered greedily
+        result["plain_questions"] = json.loads(plain.read_text())
+    # The run's report (answers of round 0 beside the latest, pairs, plain questions) is kept beside the numbers.
+    shutil.copyfile(work / "run" / "report.md", Path(args.out_json).with_suffix(".report.md"))
     Path(args.out_json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     shutil.rmtree(work)

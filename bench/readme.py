@@ -1,10 +1,10 @@
 """Every number in the README's tables comes from a file in bench/results/: this renders them there.
 
-    python bench/readme.py            # rewrite the README's tables from bench/results/*.json
-    python bench/readme.py --check    # exit 1 if the README differs from what the results say (a test runs this)
+    python bench/readme.py            # rewrite the tables of README.md and docs/real-model.md from bench/results
+    python bench/readme.py --check    # exit 1 if a page differs from what the results say (a test runs this)
 
-A table lives between `<!-- bench:NAME -->` and `<!-- /bench -->` in README.md; NAME picks the renderer below and
-the results file it reads. Edit a result by re-running its benchmark, never by editing the README.
+A table lives between `<!-- bench:NAME -->` and `<!-- /bench -->`; NAME picks the renderer below and the results
+file it reads. Edit a result by re-running its benchmark, never by editing the page.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results"
+DOCS = (ROOT / "README.md", ROOT / "docs" / "real-model.md")  # the pages whose tables are rendered here
 
 
 def _load(name: str) -> dict:
@@ -44,6 +45,28 @@ def demo() -> str:
     head = (f"`{d['command']}` in a fresh directory on a {d['machine']['cores']}-core CPU ({d['machine']['cpu']}, "
             f"{d['machine']['date']}): {_minutes(d['wall_s'])} wall, peak RSS {d['peak_rss_mb']} MB, held-out "
             f"accuracy {_pct(first)} → {_pct(last)} (`bench/results/demo.json`):")
+    return "\n".join([head, "", *rows])
+
+
+def demo_instructions() -> str:
+    d = _load("demo-instructions.json")
+    rows = ["| round | held-out strict accuracy | pairs kept | round s | mean answer chars |", "| --- | --- | --- | --- | --- |"]
+    for r in d["rounds"]:
+        label = "0 (base)" if r["round"] == 0 else str(r["round"])
+        pairs = "–" if r["pairs"] is None else str(r["pairs"])
+        chars = "–" if r.get("mean_answer_chars") is None else f"{r['mean_answer_chars']:.0f}"
+        rows.append(f"| {label} | {_pct(r['accuracy'])} | {pairs} | {r['round_s']:.0f} | {chars} |")
+    first, last = d["rounds"][0]["accuracy"], d["rounds"][-1]["accuracy"]
+    plain = d.get("plain_questions") or {}
+    rounds = sorted(plain, key=int)
+    said = ""
+    if len(rounds) >= 2:
+        a, b = plain[rounds[0]], plain[rounds[-1]]
+        said = (f" Plain questions answered greedily (\"What is the capital of France?\", ...): {a['correct']}/{a['total']}"
+                f" right before, {b['correct']}/{b['total']} after.")
+    head = (f"`{d['command']}` on a {d['machine']['cores']}-core CPU ({d['machine']['cpu']}, {d['machine']['date']}): "
+            f"{_minutes(d['wall_s'])} wall, peak RSS {d['peak_rss_mb']} MB, held-out strict accuracy {_pct(first)} → "
+            f"{_pct(last)} (`bench/results/demo-instructions.json`, its report with answers beside it).{said}")
     return "\n".join([head, "", *rows])
 
 
@@ -77,7 +100,8 @@ def reward_model() -> str:
                       "two columns in one run, scores equal within 1e-6):", "", *rows])
 
 
-TABLES: dict[str, Callable[[], str]] = {"demo": demo, "generation": generation, "reward_model": reward_model}
+TABLES: dict[str, Callable[[], str]] = {"demo": demo, "demo_instructions": demo_instructions, "generation": generation,
+                                        "reward_model": reward_model}
 BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench -->)", re.S)
 
 
@@ -94,15 +118,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="Exit 1 if README.md is not what the results say.")
     args = parser.parse_args()
-    readme = ROOT / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    new = render(text)
-    if args.check:
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        new = render(text)
         if new != text:
-            print("README.md: a table differs from bench/results. Fix: python bench/readme.py", file=sys.stderr)
-            return 1
-        return 0
-    readme.write_text(new, encoding="utf-8")
+            stale.append(doc.relative_to(ROOT))
+            if not args.check:
+                doc.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print(f"{', '.join(map(str, stale))}: a table differs from bench/results. Fix: python bench/readme.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 

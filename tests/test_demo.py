@@ -36,24 +36,29 @@ def test_demo_configs_are_valid_loop_configs(tmp_path):
     assert addition.rounds == DEMO["rounds"] and addition.gen["backend"] == "hf"
     assert addition.model == str(tmp_path / "a" / "base")
     config = instructions_config(str(tmp_path / "i"), model="smollm2")
-    assert config.rounds == 3 and config.prompts_per_round == 256 and config.out == str(tmp_path / "i" / "run")
+    assert config.rounds == INSTRUCTIONS["rounds"] and config.prompts_per_round == INSTRUCTIONS["prompts_per_round"]
+    assert config.out == str(tmp_path / "i" / "run")
     assert config.prompts == str(tmp_path / "i" / "data" / "train.jsonl")
     assert config.eval_prompts == str(tmp_path / "i" / "data" / "heldout.jsonl")
     gen = config.stage_config("generate", 1, config.gen)
-    assert (gen.backend, gen.chat, gen.n, gen.max_new_tokens, gen.temperature) == ("auto", True, 4, 192, 0.8)
+    want = INSTRUCTIONS["gen"]
+    assert (gen.backend, gen.chat, gen.n, gen.max_new_tokens, gen.temperature) == (
+        "auto", True, want["n"], want["max_new_tokens"], want["temperature"])
     evaluate = config.stage_config("generate", 1, {**config.gen, **config.eval})
     assert (evaluate.backend, evaluate.temperature, evaluate.n) == ("auto", 0.0, 1)
     assert config.stage_config("judge", 1, {}).reward_fn == "prefloop.tasks.instructions:reward"
     assert config.stage_config("judge", 1, config.eval_judge).reward_fn == "prefloop.tasks.instructions:strict"
     train = config.stage_config("train", 1, {})
-    assert (train.loss, train.lr, train.lora_r, train.batch_size, train.epochs) == (["sigmoid", "sft"], 5e-5, 16, 8, 1)
+    want = INSTRUCTIONS["train"]
+    assert (train.loss, train.lr, train.lora_r, train.batch_size, train.epochs) == (
+        want["loss"], want["lr"], want["lora_r"], want["batch_size"], want["epochs"])
     assert config.pairs == INSTRUCTIONS["pairs"] == {"strategy": "best_worst"}
 
 
 def test_demo_overrides_rounds_backend_and_yaml(tmp_path):
     """--rounds and --backend replace the demo's; a --config YAML's stage mapping overrides its keys one by one."""
     from prefloop.demo import addition_config
-    from prefloop.demo_instructions import instructions_config
+    from prefloop.demo_instructions import INSTRUCTIONS, instructions_config
 
     yaml_file = tmp_path / "over.yaml"
     yaml_file.write_text("train: {lr: 1.0e-4}\ngen: {n: 2}\nprompts_per_round: 64\n")
@@ -61,7 +66,7 @@ def test_demo_overrides_rounds_backend_and_yaml(tmp_path):
                                  model="smollm2")
     assert config.rounds == 1 and config.prompts_per_round == 64
     assert config.gen["backend"] == config.eval["backend"] == "hf"
-    assert config.gen["n"] == 2 and config.gen["max_new_tokens"] == 192  # the other gen keys kept
+    assert config.gen["n"] == 2 and config.gen["max_new_tokens"] == INSTRUCTIONS["gen"]["max_new_tokens"]  # kept
     assert config.train["lr"] == 1e-4 and config.train["loss"] == ["sigmoid", "sft"]
     assert addition_config(str(tmp_path / "a"), rounds=2, backend="vllm").gen["backend"] == "vllm"
 
