@@ -148,17 +148,25 @@ def test_a_killed_holder_never_blocks_the_next_run(workdir, zygote, tmp_path):
 
 
 def test_two_generate_launches_moments_apart_write_each_id_once(workdir, tmp_path):
-    """The reported double launch, unscripted: two real `prefloop generate` on one --out; one refuses."""
+    """The reported double launch, unscripted: two real `prefloop generate` on one --out, the second started once
+    the first has written records and while it still runs (2,000 prompts); one refuses, every id is written once.
+    Without the lock both write: thousands of duplicate ids."""
+    from prefloop.addition import make_prompts
+    from prefloop.store import dumps
+
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(dumps(r) for r in make_prompts(2000, 1, "train")))
     argv, out, _ = stage_args("generate", workdir, tmp_path)
+    argv[argv.index("--prompts") + 1] = str(prompts)
     runner = Subprocess()
     first = runner.start(argv, tmp_path / "a.log")
-    wait_until(lambda: out.with_name(out.name + ".lock").exists() or first.poll() is not None, "the first run",
-               first, tmp_path / "a.log")
+    wait_until(lambda: out.exists() and out.stat().st_size > 0, "the first run's records", first, tmp_path / "a.log")
     second = runner.start(argv, tmp_path / "b.log")
-    codes = sorted([first.wait(), second.wait()])
-    assert codes in ([0, 0], [0, 2]), (log_tail(tmp_path / "a.log"), log_tail(tmp_path / "b.log"))
+    assert first.poll() is None, "the first run ended before the second started: no overlap was tested"
+    codes = (first.wait(), second.wait())
     ids = [r["id"] for r in read_records(out)]
-    assert len(ids) == len(set(ids)) == 40
+    assert len(ids) - len(set(ids)) == 0, f"{len(ids)} lines for {len(set(ids))} ids (exit codes {codes})"
+    assert len(ids) == 2000 and codes == (0, 2), (log_tail(tmp_path / "a.log"), log_tail(tmp_path / "b.log"))
 
 
 def test_sigterm_unwinds_the_stage_like_ctrl_c(workdir, tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -233,6 +234,28 @@ def verify_generate(expected: dict[str, dict], tally: Tally, same_config: bool):
                 assert (row["config_hash"], row["model"]) == (want["config_hash"], want["model"])
                 assert row["completions"] == want["completions"], row["id"]
     return verify
+
+
+def test_a_resume_mid_chunk_writes_the_straight_runs_completions(tiny_model, tmp_path):
+    """A kill can land after some records of a chunk are on disk: the resumed run then cuts its chunks at other
+    prompts. With per-prompt seeds every completion still equals the uninterrupted run's (with a seed per chunk,
+    the prompts after the cut were sampled anew)."""
+    from prefloop.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 48)
+    straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
+    assert main(["-q", *generate_args(tiny_model, prompts, "--temperature", "1.0")(straight)]) == 0
+    # What a kill mid-chunk leaves: the first 16-prompt chunk whole, 5 records of the second, its config beside.
+    lines = straight.read_bytes().splitlines(keepends=True)
+    resumed.write_bytes(b"".join(lines[:21]))
+    shutil.copyfile(straight.with_name("straight.config.yaml"), resumed.with_name("resumed.config.yaml"))
+    assert main(["-q", *generate_args(tiny_model, prompts, "--temperature", "1.0")(resumed)]) == 0
+    want = {r["id"]: r["completions"] for r in parse_lines(straight.read_bytes(), str(straight))}
+    got = {r["id"]: r["completions"] for r in parse_lines(resumed.read_bytes(), str(resumed))}
+    assert got.keys() == want.keys()
+    differ = sorted(i for i in want if got[i] != want[i])
+    assert differ == [], f"{len(differ)} of {len(want)} prompts sampled differently after the resume"
 
 
 @pytest.mark.parametrize("points", POINTS)
