@@ -33,30 +33,37 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {round(seconds % 60)} s"
 
 
-def demo() -> str:
-    d = _load("demo.json")
-    rows = ["| round | held-out accuracy | pairs kept | DPO s |", "| --- | --- | --- | --- |"]
+def _cell(value, fmt: str = "{}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _rounds(d: dict, header: list[str], cells: Callable[[dict], list[str]]) -> list[str]:
+    """A demo's per-round table: the round, its held-out accuracy, then `cells(round)`."""
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in d["rounds"]:
         label = "0 (base)" if r["round"] == 0 else str(r["round"])
-        pairs = "–" if r["pairs"] is None else str(r["pairs"])
-        train = "–" if r["train_s"] is None else f"{r['train_s']:.1f}"
-        rows.append(f"| {label} | {_pct(r['accuracy'])} | {pairs} | {train} |")
+        rows.append("| " + " | ".join([label, _pct(r["accuracy"]), *cells(r)]) + " |")
+    return rows
+
+
+def _head(d: dict, results: str, metric: str) -> str:
     first, last = d["rounds"][0]["accuracy"], d["rounds"][-1]["accuracy"]
-    head = (f"`{d['command']}` in a fresh directory on a {d['machine']['cores']}-core CPU ({d['machine']['cpu']}, "
-            f"{d['machine']['date']}): {_minutes(d['wall_s'])} wall, peak RSS {d['peak_rss_mb']} MB, held-out "
-            f"accuracy {_pct(first)} → {_pct(last)} (`bench/results/demo.json`):")
-    return "\n".join([head, "", *rows])
+    return (f"`{d['command']}` in a fresh directory on a {d['machine']['cores']}-core CPU ({d['machine']['cpu']}, "
+            f"{d['machine']['date']}): {_minutes(d['wall_s'])} wall, peak RSS {d['peak_rss_mb']} MB, {metric} "
+            f"{_pct(first)} → {_pct(last)} (`bench/results/{results}`")
+
+
+def demo() -> str:
+    d = _load("demo.json")
+    rows = _rounds(d, ["round", "held-out accuracy", "pairs kept", "DPO s"],
+                   lambda r: [_cell(r["pairs"]), _cell(r["train_s"], "{:.1f}")])
+    return "\n".join([_head(d, "demo.json", "held-out accuracy") + "):", "", *rows])
 
 
 def demo_instructions() -> str:
     d = _load("demo-instructions.json")
-    rows = ["| round | held-out strict accuracy | pairs kept | round s | mean answer chars |", "| --- | --- | --- | --- | --- |"]
-    for r in d["rounds"]:
-        label = "0 (base)" if r["round"] == 0 else str(r["round"])
-        pairs = "–" if r["pairs"] is None else str(r["pairs"])
-        chars = "–" if r.get("mean_answer_chars") is None else f"{r['mean_answer_chars']:.0f}"
-        rows.append(f"| {label} | {_pct(r['accuracy'])} | {pairs} | {r['round_s']:.0f} | {chars} |")
-    first, last = d["rounds"][0]["accuracy"], d["rounds"][-1]["accuracy"]
+    rows = _rounds(d, ["round", "held-out strict accuracy", "pairs kept", "round s", "mean answer chars"],
+                   lambda r: [_cell(r["pairs"]), f"{r['round_s']:.0f}", _cell(r.get("mean_answer_chars"), "{:.0f}")])
     plain = d.get("plain_questions") or {}
     rounds = sorted(plain, key=int)
     said = ""
@@ -64,10 +71,8 @@ def demo_instructions() -> str:
         a, b = plain[rounds[0]], plain[rounds[-1]]
         said = (f" Plain questions answered greedily (\"What is the capital of France?\", ...): {a['correct']}/{a['total']}"
                 f" right before, {b['correct']}/{b['total']} after.")
-    head = (f"`{d['command']}` on a {d['machine']['cores']}-core CPU ({d['machine']['cpu']}, {d['machine']['date']}): "
-            f"{_minutes(d['wall_s'])} wall, peak RSS {d['peak_rss_mb']} MB, held-out strict accuracy {_pct(first)} → "
-            f"{_pct(last)} (`bench/results/demo-instructions.json`, its report with answers beside it).{said}")
-    return "\n".join([head, "", *rows])
+    head = _head(d, "demo-instructions.json", "held-out strict accuracy") + ", its report with answers beside it)."
+    return "\n".join([head + said, "", *rows])
 
 
 def generation() -> str:
