@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 from prefloop.errors import PrefloopError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class OutputLocked(PrefloopError, RuntimeError):
@@ -46,16 +48,17 @@ def lock_path(out: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | Path) -> Iterator[Path]:
-    """Hold the exclusive lock on `out` for the block; raise `OutputLocked` if another process holds it."""
-    path = acquire(out)
+def output_lock(out: str | Path, wait: bool = False) -> Iterator[Path]:
+    """Hold the exclusive lock on `out` for the block; raise `OutputLocked` if another process holds it, or with
+    `wait` take turns: block until the holder is done (e.g. two processes converting one model)."""
+    path = acquire(out, wait)
     try:
         yield path
     finally:
         release(path)
 
 
-def acquire(out: str | Path) -> Path:
+def acquire(out: str | Path, wait: bool = False) -> Path:
     path = lock_path(out)
     made = _make_parents(path.parent)  # removed again on release if still empty: a refused run leaves nothing
     key = str(path.resolve())
@@ -69,6 +72,13 @@ def acquire(out: str | Path) -> Path:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = _holder(fd)
+            if wait:
+                log.info("%s: waiting for another process (%s)", out, holder)
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                if _same_file(fd, path):
+                    break
+                os.close(fd)
+                continue
             os.close(fd)
             _remove_empty(made)
             raise OutputLocked(

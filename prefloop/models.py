@@ -22,8 +22,8 @@
 
 Failure semantics of a conversion: it is built in a temp dir beside its destination and renamed into place
 (`prefloop.store.atomic_dir`), with `prefloop-model.json` written last; a killed conversion leaves only the temp,
-which the next conversion of that file removes. Processes converting the same file take turns on `<dir>.lock` (the
-kernel drops it when its holder dies), so the second one finds the checkpoint and converts nothing. The content
+which the next conversion of that file removes. Processes converting the same file take turns on `<dir>.lock`
+(`prefloop.lock`, waiting; the kernel drops it when its holder dies), so the second one converts nothing. The content
 hash of a file is kept in `<cache>/models/hashes.json` keyed by path, size and mtime (best effort: unreadable or
 unwritable only costs a re-hash).
 """
@@ -31,7 +31,6 @@ unwritable only costs a re-hash).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -39,11 +38,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefloop.config import ConfigError
+from prefloop.lock import output_lock
 from prefloop.store import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -222,7 +221,7 @@ def gguf_checkpoint(path: str | Path, dtype: Any = "auto", cache_dir: str | Path
     if (dest / MARKER).is_file():
         log.info("model %s -> %s (converted before)", path, dest)
         return dest
-    with _locked(dest.with_name(dest.name + ".lock")):
+    with output_lock(dest, wait=True):  # processes converting one file take turns; the second finds it done
         if (dest / MARKER).is_file():  # another process converted it while we waited
             log.info("model %s -> %s (converted by another process)", path, dest)
             return dest
@@ -305,19 +304,3 @@ def file_sha256(path: Path, root: Path) -> str:
     except OSError as e:  # a read-only cache costs a re-hash next time, never the run
         log.warning("model hash cache %s: not written (%s)", memo_path, e)
     return memo[key]
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` for the block, waiting for its holder (the kernel drops it when a holder dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log.info("waiting for another process converting %s", path.with_suffix(""))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
