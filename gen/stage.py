@@ -211,7 +211,6 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
                 sampling = config.sampling
-                sampling.seed = prompt_seed(config.seed, chunk[0]["id"])
                 sampling.seeds = [prompt_seed(config.seed, p["id"]) for p in chunk]  # a prompt's samples: its own
                 aborted = None
                 decoded_before = getattr(generator, "tokens_generated", None)

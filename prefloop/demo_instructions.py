@@ -21,7 +21,6 @@ the plain questions. Re-running the same command resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.demo import demo_config, show_report, write_once
-from prefloop.loop import LoopConfig
+from prefloop.loop import LoopConfig, engine_scope
 from prefloop.loop import run as run_loop
 from prefloop.store import atomic_write_json, iter_records
 
@@ -140,17 +139,6 @@ def instructions_config(out: str, rounds: int | None = None, backend: str = "aut
     return demo_config(INSTRUCTIONS, Path(out), model, backend, rounds, config_file)
 
 
-def _shared_engine(config: LoopConfig):
-    """With vLLM, one engine for the loop and the plain questions after it; else nothing to keep."""
-    from prefloop.gen import resolve_backend
-
-    if resolve_backend({**config.gen, **config.eval}.get("backend", "hf")) != "vllm":
-        return contextlib.nullcontext()
-    from prefloop.gen.vllm import keep_engine
-
-    return keep_engine()
-
-
 def run_instructions(out: str = "prefloop-demo-instructions", rounds: int | None = None, backend: str = "auto",
                      config_file: str | None = None) -> Path:
     """Convert (or reuse) SmolLM2, write (or reuse) the task under `out`, run the loop and the plain questions,
@@ -165,7 +153,7 @@ def run_instructions(out: str = "prefloop-demo-instructions", rounds: int | None
     if not ((data / "train.jsonl").exists() and (data / "heldout.jsonl").exists()):
         write_task(data, n_train=TRAIN_POOL, n_heldout=HELDOUT, seed=0)
     config = instructions_config(out, rounds, backend, config_file, model)
-    with _shared_engine(config):
+    with engine_scope(config):  # with vLLM, one engine for the loop and the plain questions after it
         run_dir = run_loop(config)
         answer_plain(config, plain_prompts(data / "plain.jsonl"), final_policies(config))
     write_report(run_dir)

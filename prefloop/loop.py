@@ -397,7 +397,7 @@ def _uses_vllm(config: LoopConfig) -> bool:
     return any(resolve_backend(b) == "vllm" for b in backends)
 
 
-def _engine_scope(config: LoopConfig):
+def engine_scope(config: LoopConfig):
     """With vLLM, one engine serves every round (each round's adapter is a `LoRARequest`); else nothing to keep."""
     if not _uses_vllm(config):
         return contextlib.nullcontext()
@@ -427,7 +427,7 @@ def run(config: LoopConfig) -> Path:
     pool = load_prompts(config.prompts).records  # validated whole before any model loads
     if config.eval_prompts:
         load_prompts(config.eval_prompts)
-    with _engine_scope(config), _ray_scope(config):
+    with engine_scope(config), _ray_scope(config):
         return _run_rounds(config, pool)
 
 

@@ -185,8 +185,7 @@ class GenerateActor:
         results: list = [None] * len(rows)
         if todo:
             sampling = self.config.sampling
-            # The seed depends on the batch's content (its first id), as a local chunk's does.
-            sampling.seed = prompt_seed(self.config.seed, rows[todo[0]]["id"])
+            # Each prompt's own seed, as on the local engine: the same samples whatever the batch.
             sampling.seeds = [prompt_seed(self.config.seed, rows[i]["id"]) for i in todo]
             try:
                 out = self.generator.generate([rows[i]["prompt"] for i in todo], self.config.n, sampling)
