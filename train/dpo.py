@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from prefloop.lock import output_lock
 from prefloop.runstate import StageRun
 from prefloop.store import atomic_dir, atomic_write_json
 from prefloop.train.distributed import decide_on_main, gathered_state_dict, is_replica, quiet_replicas, world
+from prefloop.train.outputs import complete, last_complete_checkpoint, merge
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ LOSS_TYPES = tuple(
     "sigmoid_norm".split()
 )
 DTYPES = ("auto", "bfloat16", "float32", "float16")
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -353,34 +351,6 @@ def _check_reference(trainer, config: TrainConfig) -> None:
         raise RuntimeError("no trainable parameters: the 'default' adapter is frozen.")
 
 
-def last_complete_checkpoint(root: str | Path) -> Path | None:
-    """Newest `checkpoint-N` under `root` whose `trainer_state.json` (saved last) is whole; torn ones are logged.
-
-    transformers writes that file with a plain open + write, so a kill mid-save can leave it empty or cut short:
-    present is not enough, it must parse (else every re-run would fail loading it instead of resuming)."""
-    root = Path(root)
-    found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    for _, path in sorted(found, reverse=True):
-        state = path / "trainer_state.json"
-        if not state.is_file():
-            log.warning("train: skipping %s: no trainer_state.json (the save was interrupted)", path)
-            continue
-        try:
-            json.loads(state.read_bytes())
-        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
-            log.warning("train: skipping %s: its trainer_state.json is torn (the save was interrupted)", path)
-            continue
-        return path
-    return None
-
-
-def _complete(path: Path, lora: bool) -> bool:
-    if lora:
-        return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
-    weights = ("model.safetensors", "model.safetensors.index.json")
-    return (path / "config.json").is_file() and any((path / n).is_file() for n in weights)
-
-
 def run(config: TrainConfig, callbacks: list | None = None) -> Path:
     """Train on `config.pairs`; return `config.out` (holding adapter/ or model/, and train_summary.json).
 
@@ -403,15 +373,15 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
     state.summary_path = out / "train_summary.json"  # the name the loop and report read
 
     def decide() -> tuple[bool, Path | None]:
-        finished = state.begin(new_run=config.new_run) == "done" and _complete(final, config.lora)
+        finished = state.begin(new_run=config.new_run) == "done" and complete(final, config.lora)
         return finished, None if finished else last_complete_checkpoint(out / "checkpoints")
 
     finished, resume = decide_on_main(ranks, decide)
     if finished:
         if ranks.is_main_process:
             log.info("train: %s is finished; nothing to do", out)
-            if config.merge and not _complete(out / "merged", lora=False):
-                _merge(config, final, out / "merged")
+            if config.merge and not complete(out / "merged", lora=False):
+                merge(config, final, out / "merged")
                 atomic_write_json(state.summary_path, {**state.summary(), "merged": str(out / "merged")})
         ranks.wait_for_everyone()
         return out
@@ -445,7 +415,7 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
                 model.save_pretrained(tmp, state_dict=weights)
             trainer.processing_class.save_pretrained(tmp)
         if config.merge:
-            _merge(config, final, out / "merged")
+            merge(config, final, out / "merged")
         _finish(state, config, trainer, result, dataset, resume, final, started, trainable, total, spread)
     ranks.wait_for_everyone()  # the other ranks return only once the outputs they point to exist
     return out
@@ -480,25 +450,6 @@ def _finish(state, config, trainer, result, dataset, resume, final, started, tra
         config=to_dict(config),
     )
     log.info("train: %d steps, final loss %s -> %s", trainer.state.global_step, losses[-1] if losses else None, final)
-
-
-def _merge(config: TrainConfig, adapter_dir: Path, merged_dir: Path) -> None:
-    """Base + adapter folded into one model (for servers without LoRA), merged in fp32, saved in the base's dtype."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from prefloop.models import resolve_model
-
-    model = resolve_model(config.model, dtype=config.dtype)  # the checkpoint the adapter was trained on (LoRA)
-    base_dtype = getattr(AutoConfig.from_pretrained(model), "dtype", None) or torch.float32
-    base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(base_dtype)
-    with atomic_dir(merged_dir) as tmp:
-        merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
-    log.info("train: merged model -> %s", merged_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
