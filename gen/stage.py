@@ -49,7 +49,7 @@ class GenerateConfig:
     max_new_tokens: int = field(64, help="Maximum new tokens per completion.")
     temperature: float = field(1.0, help="Sampling temperature; 0 means greedy.")
     top_p: float = field(1.0, help="Nucleus sampling mass.")
-    seed: int = field(0, help="Base seed; each chunk's seed derives from it and the chunk's first id.")
+    seed: int = field(0, help="Base seed; each prompt's seed derives from it and the prompt's id.")
     stop: list[str] = field([], help="Stop strings (comma-separated on the command line); not part of the output.")
     logprobs: bool = field(False, help="Record each generated token's log-prob in the completion's `logprobs`.")
     shard: str | None = field(None, help="Take only prompts with hash(id) % n == i, written as 'i/n'.")
