@@ -1,8 +1,12 @@
-"""The train stage: DPO (and TRL's other preference losses) on a pairs file, LoRA by default.
+"""The train stage: DPO (and TRL's other preference losses), ORPO, KTO, SimPO or SFT on a pairs file, LoRA by default.
 
     python -m prefloop.train.dpo --model tiny --pairs round_001/pairs.jsonl --out round_001/train
     python -m prefloop.train.dpo --model tiny --pairs round_002/pairs.jsonl --out round_002/train \
         --adapter round_001/train/adapter --reference previous --loss sigmoid,sft
+    python -m prefloop.train.dpo --method orpo --model tiny --pairs pairs.jsonl --out orpo    # or kto, simpo, sft
+
+Which TRL trainer each `method` uses, and what `beta` means for it: `prefloop/train/methods.py`. What follows
+about the reference applies to the methods that have one (dpo, kto); orpo, simpo and sft have none.
 
 Outputs in `out/`: `adapter/` (LoRA + tokenizer; `model/` for full fine-tuning), optional `merged/`,
 `checkpoints/checkpoint-N/`, `config.yaml` (resolved config + hash, written first) and `train_summary.json`
@@ -42,6 +46,7 @@ from prefloop.lock import output_lock
 from prefloop.runstate import StageRun
 from prefloop.store import atomic_dir, atomic_write_json
 from prefloop.train.distributed import decide_on_main, gathered_state_dict, is_replica, quiet_replicas, world
+from prefloop.train.methods import DEFAULT_BETA, METHODS, method, rows_word
 from prefloop.train.outputs import complete, last_complete_checkpoint, merge
 
 log = logging.getLogger(__name__)
@@ -60,24 +65,31 @@ class TrainConfig:
                        "once), or a `prefloop train` output (its merged/ or model/).")
     pairs: str = field(
         help="Preference pairs JSONL in TRL format (standard or conversational), as `prefloop pairs` "
-        "writes it; loaded with datasets.load_dataset('json') and given to DPOTrainer as is."
+        "writes it; loaded with datasets.load_dataset('json'). kto also reads prompt/completion/label rows, sft "
+        "prompt/completion rows."
     )
     out: str = field(
         help="Output directory: adapter/ (or model/), merged/, checkpoints/, train_summary.json.", hash=False
     )
+    method: str = field("dpo", help=f"Training method: {', '.join(METHODS)} (TRL's trainers; see "
+                        "prefloop/train/methods.py).")
     adapter: str | None = field(None, help="LoRA adapter of a previous round (its directory or its train output): "
                                 "the policy continues from it.")
     reference: str = field(
         "initial",
-        help="DPO reference: `initial` (`model`, adapters disabled) or `previous` "
+        help="Reference of dpo and kto: `initial` (`model`, adapters disabled) or `previous` "
         "(a frozen copy of `adapter`, the previous round's policy).",
     )
     loss: list[str] = field(
         ["sigmoid"],
-        help=f"TRL loss type(s), comma separated, e.g. sigmoid,sft (RPO). One of: {', '.join(LOSS_TYPES)}.",
+        help=f"dpo: TRL loss type(s), comma separated, e.g. sigmoid,sft (RPO). One of: {', '.join(LOSS_TYPES)}.",
     )
     loss_weights: list[float] | None = field(None, help="One weight per loss (default: 1.0 each), e.g. 1.0,0.2.")
-    beta: float = field(0.1, help="DPO beta: higher keeps the policy closer to the reference.")
+    beta: float | None = field(None, help="dpo/kto: KL strength (higher stays closer to the reference); orpo: the "
+                               "odds-ratio weight λ; simpo: reward scale β. Default: 0.1 (simpo: 2.0).")
+    simpo_gamma: float = field(0.5, help="simpo: target reward margin γ.")
+    desirable_weight: float = field(1.0, help="kto: weight of desirable (chosen) completions' losses.")
+    undesirable_weight: float = field(1.0, help="kto: weight of undesirable (rejected) completions' losses.")
     # LoRA moves a few low-rank weights from zero; it wants ~100x the learning rate of full fine-tuning (TRL's 1e-6).
     lr: float = field(5e-4, help="Peak learning rate (linear decay). Use ~1e-6 for full fine-tuning.")
     epochs: float = field(1.0, help="Passes over the pairs.")
@@ -113,6 +125,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Python callers may pass "sigmoid,sft" where the CLI would have split it already.
         self.loss = _split(self.loss, str)
+        if self.method not in METHODS:
+            raise ConfigError(f"method = {self.method!r}. Fix: use one of {', '.join(METHODS)}.")
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.method]
         if self.loss_weights is not None:
             self.loss_weights = _split(self.loss_weights, float)
         for key in ("model", "pairs", "out"):
@@ -165,6 +181,9 @@ def _split(value: Any, kind: type) -> list:
 
 def describe(config: TrainConfig) -> tuple[str, str]:
     """(policy init, reference) in words, for the start log line and the summary."""
+    if not method(config.method).uses_reference:
+        start = config.model if not config.lora else f"{config.model} + {config.adapter or 'new LoRA (B=0)'}"
+        return start + (" (full fine-tuning)" if not config.lora else ""), f"none ({config.method} has no reference)"
     if not config.lora:
         return f"{config.model} (full fine-tuning)", f"frozen copy of {config.model}"
     if config.adapter is None:
@@ -177,27 +196,31 @@ def describe(config: TrainConfig) -> tuple[str, str]:
     return f"{config.model} + {config.adapter}", f"{config.model} (adapters disabled)"
 
 
-def load_pairs(path: str | Path):
-    """The pairs file as a `datasets.Dataset`, unconverted: extra columns (id, scores, meta) are dropped by TRL."""
+def load_pairs(path: str | Path, method_name: str = "dpo"):
+    """The pairs file as a `datasets.Dataset`, unconverted (`Method.dataset` makes the trainer's rows from it)."""
     import datasets
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pairs file not found. Fix: run `prefloop pairs` first or check --pairs.")
     dataset = datasets.load_dataset("json", data_files=str(path), split="train")
-    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
-    if missing:
-        raise ConfigError(f"{path}: missing field(s) {sorted(missing)}; pairs need prompt, chosen and rejected.")
+    accepts = method(method_name).accepts
+    if not any(set(columns) <= set(dataset.column_names) for columns in accepts):
+        missing = sorted(set(accepts[0]) - set(dataset.column_names))
+        also = "".join(f", or {', '.join(c)}" for c in accepts[1:])
+        raise ConfigError(f"{path}: missing field(s) {missing}; {method_name} trains on rows with "
+                          f"{', '.join(accepts[0])}{also}.")
     if len(dataset) == 0:
         raise ConfigError(f"{path}: no pairs to train on. Fix: check the pairs stage's drop counts.")
     return dataset
 
 
 def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=None, args=None):
-    """A ready `DPOTrainer` whose reference follows `config.reference` (checked, not assumed; see module doc).
+    """A ready TRL trainer for `config.method` whose reference follows `config.reference` (checked, not assumed; see
+    the module doc).
 
-    `dataset` defaults to `load_pairs(config.pairs)`, `args` to `training_args(config)`. TRL drops pairs whose prompt alone fills `max_length`; the
-    number dropped is logged as a warning.
+    `dataset` (the method's rows) defaults to the pairs file made into them (`Method.dataset`), `args` to
+    `training_args(config)`. TRL drops rows whose prompt alone fills `max_length`; the number dropped is logged.
 
     With reference=previous, disabling the adapter must not silently mean the base model: TRL keeps a frozen
     "ref" copy of the loaded adapter, and this function fails if that copy is missing or differs from it.
@@ -205,20 +228,14 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
     import torch
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOTrainer
-
     dtype, reason = resolve_dtype(config.dtype, resolve_device("auto"))
     # Frozen LoRA bases can sit in bf16; fully trained weights stay fp32 so AdamW updates are not rounded away.
     weights_dtype = dtype if config.lora and dtype != torch.float32 else torch.float32
     log.info("train: dtype %s (%s); weights in %s", dtype, reason, weights_dtype)
     policy, reference = describe(config)
-    log.info(
-        "train: policy starts from %s; reference = %s; loss = %s, beta = %s",
-        policy,
-        reference,
-        ",".join(config.loss),
-        config.beta,
-    )
+    how = {"dpo": f"loss = {','.join(config.loss)}, beta = {config.beta}", "sft": "SFT on the chosen answers"}
+    log.info("train: %s; policy starts from %s; reference = %s; %s", config.method, policy, reference,
+             how.get(config.method, f"beta = {config.beta}"))
 
     from prefloop.models import resolve_adapter, resolve_model
 
@@ -255,8 +272,10 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
             )
 
     args = training_args(config) if args is None else args
-    dataset = load_pairs(config.pairs) if dataset is None else dataset
-    trainer = DPOTrainer(
+    how = method(config.method)
+    dataset = how.dataset(load_pairs(config.pairs, config.method), config.seed) if dataset is None else dataset
+    trainer_class, _ = how.trainer()
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -267,12 +286,13 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
     dropped = len(dataset) - len(trainer.train_dataset)
     if dropped:
         log.warning(
-            "train: %d of %d pairs dropped: their prompt alone fills max_length=%d (raise --max-length)",
+            "train: %d of %d %s dropped: their prompt alone fills max_length=%d (raise --max-length)",
             dropped,
             len(dataset),
+            rows_word(config.method),
             config.max_length,
         )
-    if config.adapter is not None and config.reference == "initial":
+    if how.uses_reference and config.adapter is not None and config.reference == "initial":
         # TRL copied the loaded adapter into a frozen "ref" adapter; without it, TRL's reference forward runs with
         # adapters disabled, which is `model` -- what `initial` asks for. "ref" is inactive, so "default" stays put.
         trainer.model.delete_adapter("ref")
@@ -281,19 +301,20 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
 
 
 def training_args(config: TrainConfig):
-    """TRL's `DPOConfig` for `config`. Building it also sets up accelerate's process state (`.distributed_state`):
+    """The method's TRL config (`DPOConfig`, `ORPOConfig`, ...) for `config`. Building it also sets up accelerate's process state (`.distributed_state`):
     a single process, or one rank of an `accelerate launch` (DDP, FSDP, DeepSpeed), whichever started us."""
     import torch
-    from trl import DPOConfig
 
+    how = method(config.method)
+    _, config_class = how.trainer()
     if config.dtype in ("float16", "fp16") and not torch.cuda.is_available():
         raise ConfigError("dtype float16 needs a CUDA GPU (fp16 mixed precision). Fix: --dtype auto or float32.")
     dtype, _ = resolve_dtype(config.dtype, resolve_device("auto"))
     cuda = torch.cuda.is_available()
     ckpt_kwargs: dict[str, Any] = {"gradient_checkpointing": config.gradient_checkpointing}
-    if "activation_checkpointing" in DPOConfig.__dataclass_fields__:  # transformers>=5 renamed it (and warns)
+    if "activation_checkpointing" in config_class.__dataclass_fields__:  # transformers>=5 renamed it (and warns)
         ckpt_kwargs = {"activation_checkpointing": config.gradient_checkpointing, "gradient_checkpointing": None}
-    return DPOConfig(
+    return config_class(
         output_dir=str(Path(config.out) / "checkpoints"),
         learning_rate=config.lr,
         num_train_epochs=config.epochs,
@@ -301,14 +322,10 @@ def training_args(config: TrainConfig):
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         max_length=config.max_length,
-        beta=config.beta,
-        loss_type=list(config.loss),
-        loss_weights=config.loss_weights,
         seed=config.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not cuda,  # without it, bf16 on a CPU-only machine is refused by TrainingArguments
-        disable_dropout=config.lora_dropout == 0.0,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.keep_checkpoints,
@@ -320,6 +337,7 @@ def training_args(config: TrainConfig):
         # off by itself only for a bare PreTrainedModel, not for a PeftModel).
         ddp_find_unused_parameters=False,
         **ckpt_kwargs,
+        **how.options(config),
     )
 
 
@@ -327,13 +345,14 @@ def _check_reference(trainer, config: TrainConfig) -> None:
     """Fail loudly if the trainer's models and adapters do not give the reference the config asks for."""
     import torch
 
+    uses_reference = method(config.method).uses_reference
     if not config.lora:
-        if trainer.ref_model is None:
+        if uses_reference and trainer.ref_model is None:
             raise RuntimeError("full fine-tuning without a reference model copy; TRL's behaviour changed?")
         return
     model = trainer.model
     peft_config = model.peft_config
-    want_ref = config.adapter is not None and config.reference == "previous"
+    want_ref = uses_reference and config.adapter is not None and config.reference == "previous"
     if want_ref != ("ref" in peft_config) or model.active_adapter != "default":
         raise RuntimeError(
             f"adapters {list(peft_config)} (active {model.active_adapter!r}) do not match "
@@ -388,7 +407,7 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
 
     started = time.time()
     with ranks.main_process_first():  # the main rank fills the datasets cache, the others read it
-        dataset = load_pairs(config.pairs)
+        dataset = method(config.method).dataset(load_pairs(config.pairs, config.method), config.seed)
     trainer = build_trainer(config, callbacks, dataset, args)
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -438,7 +457,9 @@ def _finish(state, config, trainer, result, dataset, resume, final, started, tra
         tokens_per_s=round(tokens / runtime, 1) if tokens and runtime else None,
         trainable_params=trainable,
         total_params=total,
-        pairs=len(trainer.train_dataset),
+        method=config.method,
+        pairs=len(trainer.train_dataset),  # rows trained on: pairs, or for kto / sft completions (`rows`)
+        rows=rows_word(config.method),
         pairs_dropped_too_long=len(dataset) - len(trainer.train_dataset),
         resumed_from=str(resume) if resume else None,
         policy_init=policy,
