@@ -49,19 +49,33 @@ class PairsConfig:
     strategy: str = field("best_worst", help=f"Pair selection: {', '.join(STRATEGIES)}.")
     min_margin: float = field(0.0, help="Drop pairs whose score gap is below this (ties are always dropped).")
     keep_truncated: bool = field(False, help="Keep completions that hit max_new_tokens (dropped by default).")
+    truncated_rejected: bool = field(
+        False, help="A completion that hit max_new_tokens may be a pair's rejected answer, never its chosen one "
+        "(an answer cut off is worse than a finished one that scores at least as well).")
     seed: int = field(0, help="Seed for tie-breaking and best_random.")
     round: int = field(0, help="Loop round recorded in each pair's meta.")
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
 
     def __post_init__(self) -> None:
+        if self.keep_truncated and self.truncated_rejected:
+            raise ConfigError("keep_truncated and truncated_rejected are both set. Fix: choose one (keep_truncated "
+                              "lets a truncated answer be chosen too).")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy {self.strategy!r} is unknown. Fix: use one of {', '.join(STRATEGIES)}.")
         if self.min_margin < 0:
             raise ConfigError("min_margin must be >= 0.")
 
 
-def usable(judgment: dict[str, Any], keep_truncated: bool, drops: Counter) -> list[tuple[int, float, str]]:
-    """(index, score, text) of completions that may enter a pair; counts every exclusion in `drops`."""
+def truncation(keep_truncated: bool, truncated_rejected: bool) -> str:
+    """What pairs do with a completion that hit max_new_tokens: "drop", "keep" or "rejected" (rejected only)."""
+    return "keep" if keep_truncated else "rejected" if truncated_rejected else "drop"
+
+
+def usable(judgment: dict[str, Any], truncated: str, drops: Counter) -> list[tuple[int, float, str, bool]]:
+    """(index, score, text, truncated?) of completions that may enter a pair; counts every exclusion in `drops`.
+    `truncated` as `truncation` gives it ("drop", "keep", "rejected"; a bool means keep/drop)."""
+    if isinstance(truncated, bool):
+        truncated = "keep" if truncated else "drop"
     out, seen = [], set()
     statuses = judgment.get("statuses") or ["ok"] * len(judgment["completions"])
     for i, (completion, score, status) in enumerate(
@@ -72,36 +86,41 @@ def usable(judgment: dict[str, Any], keep_truncated: bool, drops: Counter) -> li
             drops["judge_failed"] += 1
         elif not text.strip():
             drops["empty"] += 1
-        elif completion.get("finish_reason") == "length" and not keep_truncated:
+        elif completion.get("finish_reason") == "length" and truncated == "drop":
             drops["truncated"] += 1
         elif text in seen:
             drops["identical"] += 1
         else:
             seen.add(text)
-            out.append((i, float(score), text))
+            out.append((i, float(score), text, truncated == "rejected" and completion.get("finish_reason") == "length"))
     return out
 
 
 def select_pairs(
     judgment: dict[str, Any], strategy: str, min_margin: float, rng: random.Random, drops: Counter,
-    keep_truncated: bool = False,
-) -> list[tuple[tuple[int, float, str], tuple[int, float, str]]]:
-    """The (chosen, rejected) completions of one prompt under `strategy`; drop reasons go into `drops`."""
+    keep_truncated: bool | str = False,
+) -> list[tuple[tuple[int, float, str, bool], tuple[int, float, str, bool]]]:
+    """The (chosen, rejected) completions of one prompt under `strategy`; drop reasons go into `drops`.
+    `keep_truncated`: a bool, or a `truncation` mode ("rejected": truncated answers are never chosen)."""
     items = usable(judgment, keep_truncated, drops)
     if len(items) < 2:
         drops["too_few_usable"] += 1
         return []
-    best_score = max(s for _, s, _ in items)
-    worst_score = min(s for _, s, _ in items)
-    if best_score == worst_score:
+    choosable = [it for it in items if not it[3]]
+    if not choosable:
+        drops["only_truncated"] += 1
+        return []
+    best_score = max(it[1] for it in choosable)
+    worst_score = min(it[1] for it in items)
+    if best_score <= worst_score:
         drops["tie"] += 1
         return []
     if strategy == "all_above_margin":
-        pairs = [(a, b) for a in items for b in items if a[1] > b[1] and a[1] - b[1] >= min_margin - MARGIN_EPS]
+        pairs = [(a, b) for a in choosable for b in items if a[1] > b[1] and a[1] - b[1] >= min_margin - MARGIN_EPS]
         if not pairs:
             drops["below_margin"] += 1
         return pairs
-    chosen = rng.choice([it for it in items if it[1] == best_score])
+    chosen = rng.choice([it for it in choosable if it[1] == best_score])
     if strategy == "best_worst":
         rejected = rng.choice([it for it in items if it[1] == worst_score])
     else:  # best_random
@@ -114,7 +133,7 @@ def select_pairs(
 
 def select_comparisons(
     judgment: dict[str, Any], strategy: str, min_margin: float, rng: random.Random, drops: Counter,
-    keep_truncated: bool = False,
+    keep_truncated: bool | str = False,
 ) -> list[tuple[tuple[int, float, str], tuple[int, float, str]]]:
     """Pairs from a pairwise judgment's decided matches (see judge/llm.py): (index, p, text) of winner and loser.
 
@@ -132,7 +151,9 @@ def select_comparisons(
             drops["judge_failed"] += 1
         else:
             w, lo = completions[c["winner"]], completions[c["loser"]]
-            if not keep_truncated and "length" in (w.get("finish_reason"), lo.get("finish_reason")):
+            mode = truncation(keep_truncated, False) if isinstance(keep_truncated, bool) else keep_truncated
+            cut = (w.get("finish_reason") == "length", lo.get("finish_reason") == "length")
+            if (mode == "drop" and any(cut)) or (mode == "rejected" and cut[0]):
                 drops["truncated"] += 1
             else:
                 decided.append(c)
@@ -233,7 +254,8 @@ def run(config: PairsConfig) -> Path:
         prompts += 1
         rng = random.Random(f"{config.seed}:{judgment['id']}")
         select = select_comparisons if judgment.get("comparisons") is not None else select_pairs
-        pairs = select(judgment, config.strategy, config.min_margin, rng, drops, config.keep_truncated)
+        pairs = select(judgment, config.strategy, config.min_margin, rng, drops,
+                       truncation(config.keep_truncated, config.truncated_rejected))
         for chosen, rejected in pairs:
             pair_id = judgment["id"] if len(pairs) == 1 else f"{judgment['id']}:{chosen[0]}>{rejected[0]}"
             meta = {

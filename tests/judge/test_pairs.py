@@ -14,15 +14,18 @@ from prefloop.judge.pairs import PairsConfig, run, select_pairs, to_trl
 from prefloop.runstate import read_summary
 
 
-def judgment(scores: list, texts: list[str] | None = None, prompt="2+2=", rid: str = "p",
-             finish: list[str] | None = None) -> dict:
+def judgment(
+    scores: list, texts: list[str] | None = None, prompt="2+2=", rid: str = "p", finish: list[str] | None = None
+) -> dict:
     """One judgments record (as `prefloop judge` writes it); a None score is a failed judgment."""
     texts = texts if texts is not None else [f"answer {i}" for i in range(len(scores))]
     finish = finish or ["stop"] * len(scores)
     return {
         "id": rid,
         "prompt": prompt,
-        "completions": [{"text": t, "finish_reason": f, "num_tokens": len(t)} for t, f in zip(texts, finish, strict=True)],
+        "completions": [
+            {"text": t, "finish_reason": f, "num_tokens": len(t)} for t, f in zip(texts, finish, strict=True)
+        ],
         "judge": "python:rewards.py:fn",
         "scores": scores,
         "statuses": ["ok" if s is not None else "error" for s in scores],
@@ -76,6 +79,26 @@ def test_empty_and_truncated_are_dropped_and_counted():
     assert pairs == [(1, 3)]
 
 
+def test_truncated_answers_may_be_rejected_but_never_chosen():
+    """truncated_rejected: a cut-off answer is the rejected one when it scores lower (or even higher) than a finished
+    answer, never the chosen one; a prompt whose only better answers are cut off gives no pair."""
+    j = judgment(
+        [3.0, 2.0, 0.0, 1.0],
+        texts=["cut best", "good", "cut worst", "ok"],
+        finish=["length", "stop", "length", "stop"],
+    )
+    pairs, drops = pick(j, keep_truncated="rejected")
+    assert pairs == [(1, 2)] and not drops  # chosen: the best finished answer; rejected: the worst, cut off
+    pairs, _ = pick(j, strategy="all_above_margin", keep_truncated="rejected")
+    assert sorted(pairs) == [(1, 2), (1, 3), (3, 2)]
+    only_cut_better = judgment([2.0, 1.0], texts=["cut", "done"], finish=["length", "stop"])
+    assert pick(only_cut_better, keep_truncated="rejected")[0] == []
+    all_cut = judgment([2.0, 1.0], texts=["a", "b"], finish=["length", "length"])
+    assert pick(all_cut, keep_truncated="rejected") == ([], Counter(only_truncated=1))
+    with pytest.raises(ConfigError, match="choose one"):
+        PairsConfig(judgments="j.jsonl", out="p.jsonl", keep_truncated=True, truncated_rejected=True)
+
+
 def test_judge_failures_never_enter_a_pair():
     """A completion with a None score (or a non-ok status) is never chosen or rejected; it is counted."""
     pairs, drops = pick(judgment([None, 1.0, None, 0.0]))
@@ -108,7 +131,7 @@ def test_best_random_only_rejects_lower_scores():
     rejected_seen = set()
     for seed in range(60):
         pairs, _ = pick(j, strategy="best_random", seed=seed)
-        (chosen, rejected), = pairs
+        ((chosen, rejected),) = pairs
         assert j["scores"][chosen] == 3.0
         assert j["scores"][rejected] < 3.0
         rejected_seen.add(rejected)
@@ -123,8 +146,9 @@ def test_all_above_margin_pairs_and_ids(tmp_path):
     assert pairs == [(0, 2)]
 
     src = write_jsonl(tmp_path / "j.jsonl", [judgment([3.0, 2.0, 1.0], rid="q")])
-    out = run(PairsConfig(judgments=str(src), out=str(tmp_path / "pairs.jsonl"), strategy="all_above_margin",
-                          min_margin=1.0))
+    out = run(
+        PairsConfig(judgments=str(src), out=str(tmp_path / "pairs.jsonl"), strategy="all_above_margin", min_margin=1.0)
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3
     assert len({r["id"] for r in records}) == 3
@@ -160,8 +184,16 @@ def test_standard_output_shape_matches_trl():
     j = judgment([1.0, 0.0], texts=["4", "5"])
     (pair,) = select_pairs(j, "best_worst", 0.0, random.Random(0), Counter())
     record = to_trl(j, *pair, pair_id="p", meta={"judge": "x"})
-    assert record == {"id": "p", "prompt": "2+2=", "chosen": "4", "rejected": "5", "score_chosen": 1.0,
-                      "score_rejected": 0.0, "margin": 1.0, "meta": {"judge": "x"}}
+    assert record == {
+        "id": "p",
+        "prompt": "2+2=",
+        "chosen": "4",
+        "rejected": "5",
+        "score_chosen": 1.0,
+        "score_rejected": 0.0,
+        "margin": 1.0,
+        "meta": {"judge": "x"},
+    }
 
 
 def test_conversational_output_shape_matches_trl():
@@ -248,11 +280,21 @@ def test_pairs_train_with_trl_dpo_trainer(tmp_path, tiny_model, conversational):
         tokenizer = AutoTokenizer.from_pretrained(tiny_model)
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         args = trl.DPOConfig(
-            output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
-            report_to="none", max_length=64, learning_rate=1e-2, save_strategy="no", logging_steps=1,
+            output_dir=str(tmp_path / "dpo"),
+            max_steps=1,
+            per_device_train_batch_size=2,
+            use_cpu=True,
+            report_to="none",
+            max_length=64,
+            learning_rate=1e-2,
+            save_strategy="no",
+            logging_steps=1,
         )
         trainer = trl.DPOTrainer(
-            model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+            model=model,
+            args=args,
+            train_dataset=ds,
+            processing_class=tokenizer,
             peft_config=peft.LoraConfig(r=4, target_modules="all-linear"),
         )
         lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
