@@ -5,6 +5,7 @@
     prefloop judge --candidates c.jsonl --out j.jsonl --judge python --reward-fn rewards.py:fn
     prefloop pairs --judgments j.jsonl --out pairs.jsonl
     prefloop train --model M --pairs pairs.jsonl --out policy/
+    prefloop export --in pairs.jsonl --format kto|sft|llamafactory|axolotl --out data.jsonl   # (judgments: + ranked)
     prefloop run --config loop.yaml                 # rounds of all of the above
     prefloop report RUN_DIR
     prefloop merge --out all.jsonl shard0.jsonl shard1.jsonl
@@ -42,6 +43,8 @@ STAGES = {
     "judge": ("prefloop.judge.stage", "JudgeConfig", "Score every completion."),
     "pairs": ("prefloop.judge.pairs", "PairsConfig", "Select chosen/rejected pairs (TRL format)."),
     "train": ("prefloop.train.dpo", "TrainConfig", "DPO (+LoRA) on pairs with TRL."),
+    "export": ("prefloop.judge.export", "ExportConfig", "Export judgments or pairs (TRL kto/sft, ranked, "
+               "LLaMA-Factory, axolotl), with a dataset card, to disk or the hub."),
     "run": ("prefloop.loop", "LoopConfig", "The loop: rounds of generate -> judge -> pairs -> train -> eval."),
 }
 

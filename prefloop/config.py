@@ -27,13 +27,15 @@ class ConfigError(PrefloopError, ValueError):
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", hash: bool = True, cli: bool = True,  # noqa: A002
-          **kw) -> Any:
+          alias: str | None = None, **kw) -> Any:
     """`dataclasses.field` with the help text and hash flag prefloop's CLI and drift check read. `cli=False`: a
-    value prefloop derives itself (e.g. a file's content hash), kept in the config for the drift check, no flag."""
+    value prefloop derives itself (e.g. a file's content hash), kept in the config for the drift check, no flag.
+    `alias`: another name for the flag and the YAML key, e.g. `--in` for a field that cannot be called `in`."""
     if isinstance(default, (list, dict)):
         kw["default_factory"] = lambda d=default: type(d)(d)
         default = dataclasses.MISSING
-    return dataclasses.field(default=default, metadata={"help": help, "hash": hash, "cli": cli}, **kw)
+    metadata = {"help": help, "hash": hash, "cli": cli, **({"alias": alias} if alias else {})}
+    return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -134,6 +136,8 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     """Build `cls` from a mapping, naming unknown keys, bad types and missing required keys."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {f.metadata["alias"]: f.name for f in fields.values() if f.metadata.get("alias")}
+    values = {aliases.get(k, k): v for k, v in values.items()}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(
@@ -160,6 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         names = [f"--{f.name.replace('_', '-')}"]
         if "_" in f.name:
             names.append(f"--{f.name}")
+        if f.metadata.get("alias"):
+            names.insert(0, f"--{f.metadata['alias']}")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if default not in (None, dataclasses.MISSING) and f.default_factory is dataclasses.MISSING:
