@@ -2,6 +2,10 @@
 
     prefloop run --config examples/demo.yaml            # flags override the YAML: --rounds 8
 
+Before any round, training prompts that match an eval prompt (or a prompt of a benchmark named in
+`decontaminate.benchmarks`) leave the pool: exact, 13/8-gram overlap, or MinHash near-duplicates
+(`prefloop/hygiene.py`); the log line and `manifest.json` ("decontamination") say how many and why.
+
 Round 0 only evaluates the initial policy (the baseline). Each round k >= 1 runs, in order:
 
     prompts  - draw this round's prompts from the pool (seeded by round, so a resumed run draws the same ones)
@@ -70,6 +74,10 @@ class LoopConfig:
         {"temperature": 0.0, "n": 1}, help="Generation settings for held-out eval (default greedy, one answer)."
     )
     eval_judge: dict = field({}, help="Judge settings for held-out eval, over `judge`'s (default: the same judge).")
+    decontaminate: dict = field(
+        {}, help="Training prompts matching an eval prompt are always removed from the pool (prefloop/hygiene.py); "
+        "settings: {ngram_threshold: 0.5, near_threshold: 0.8, benchmarks: [FILE, ...]} (benchmark prompts are "
+        "removed too).")
     train_launcher: dict = field(
         {}, hash=False,
         help="Run the train phase under `accelerate launch` (gen/judge stay here), e.g. {num_processes: 2, "
@@ -77,6 +85,10 @@ class LoopConfig:
              "train.batch_size x processes x train.grad_accum. Empty: train in this process.")
 
     def __post_init__(self) -> None:
+        unknown = set(self.decontaminate) - {"ngram_threshold", "near_threshold", "benchmarks"}
+        if unknown:
+            raise ConfigError(f"decontaminate: unknown keys {sorted(unknown)}. Fix: use ngram_threshold, "
+                              "near_threshold, benchmarks.")
         if self.init not in ("previous", "base"):
             raise ConfigError(f"init = {self.init!r}. Fix: use `previous` or `base`.")
         if self.data not in ("fresh", "accumulate"):
@@ -425,18 +437,37 @@ def run(config: LoopConfig) -> Path:
     root = Path(config.out)
     StageRun("loop", root, config, directory=True).begin()  # writes config.yaml; refuses a changed config
     pool = load_prompts(config.prompts).records  # validated whole before any model loads
-    if config.eval_prompts:
-        load_prompts(config.eval_prompts)
+    pool, cleaned = _decontaminate(config, pool)
     with engine_scope(config), _ray_scope(config):
-        return _run_rounds(config, pool)
+        return _run_rounds(config, pool, cleaned)
 
 
-def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]]) -> Path:
+def _decontaminate(config: LoopConfig, pool: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pool without prompts that match an eval (or named benchmark) prompt, and what was removed, by reason."""
+    from prefloop.hygiene import decontaminate
+
+    settings = {"ngram_threshold": 0.5, "near_threshold": 0.8, "benchmarks": [], **config.decontaminate}
+    files = ([config.eval_prompts] if config.eval_prompts else []) + list(settings["benchmarks"])
+    reference = [row["prompt"] for f in files for row in load_prompts(f).records]  # each validated whole
+    kept, info = decontaminate(pool, reference, settings["ngram_threshold"], settings["near_threshold"])
+    if not kept:
+        raise ConfigError(f"{config.prompts}: every training prompt matches an eval or benchmark prompt "
+                          f"({info['by_reason']}). Fix: train on other prompts, or raise decontaminate thresholds.")
+    if info["removed"]:
+        log.warning("loop: removed %d of %d training prompts that match eval/benchmark prompts (%s), e.g. %s",
+                    info["removed"], len(pool), ", ".join(f"{k} {v}" for k, v in info["by_reason"].items()),
+                    ", ".join(map(str, info["example_ids"][:3])))
+    return kept, {**info, "pool": len(pool), "kept": len(kept), "reference_prompts": len(reference)}
+
+
+def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]], cleaned: dict[str, Any] | None = None) -> Path:
     from prefloop.report import write_report
 
     root = Path(config.out)
     manifest = Manifest(config)
     manifest.data["status"] = "running"
+    if cleaned is not None:
+        manifest.data["decontamination"] = cleaned
 
     policy: dict[str, Any] = {"model": config.model, "adapter": None}
     manifest.round(0, policy)
