@@ -23,6 +23,7 @@ plain-text prompts.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections import Counter
@@ -36,8 +37,11 @@ from prefloop.lock import exclusive
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, atomic_write, dumps, iter_records
 
+log = logging.getLogger(__name__)
+
 # Scores are floats: 0.3 - 0.1 < 0.2 in binary floating point, so margins are compared with this tolerance.
 MARGIN_EPS = 1e-9
+LENGTH_BIAS_SHARE = 0.7  # chosen longer in at least this share of pairs: a warning (judges tend to favour length)
 
 STRATEGIES = ("best_worst", "best_random", "all_above_margin")
 
@@ -52,6 +56,12 @@ class PairsConfig:
     truncated_rejected: bool = field(
         False, help="A completion that hit max_new_tokens may be a pair's rejected answer, never its chosen one "
         "(an answer cut off is worse than a finished one that scores at least as well).")
+    shortest_within: float | None = field(
+        None, help="Length control: the chosen answer is the shortest of those scoring within this much of the best "
+        "(as Meta-Rewarding does), so a longer answer is never preferred for a sliver of score.")
+    max_length_ratio: float | None = field(
+        None, help="Length control: drop pairs whose chosen answer is more than this many times as long as the "
+        "rejected one (in characters).")
     seed: int = field(0, help="Seed for tie-breaking and best_random.")
     round: int = field(0, help="Loop round recorded in each pair's meta.")
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
@@ -64,6 +74,10 @@ class PairsConfig:
             raise ConfigError(f"strategy {self.strategy!r} is unknown. Fix: use one of {', '.join(STRATEGIES)}.")
         if self.min_margin < 0:
             raise ConfigError("min_margin must be >= 0.")
+        if self.shortest_within is not None and self.shortest_within < 0:
+            raise ConfigError(f"shortest_within = {self.shortest_within} must be >= 0.")
+        if self.max_length_ratio is not None and self.max_length_ratio <= 0:
+            raise ConfigError(f"max_length_ratio = {self.max_length_ratio} must be > 0 (e.g. 1.5).")
 
 
 def truncation(keep_truncated: bool, truncated_rejected: bool) -> str:
@@ -98,10 +112,12 @@ def usable(judgment: dict[str, Any], truncated: str, drops: Counter) -> list[tup
 
 def select_pairs(
     judgment: dict[str, Any], strategy: str, min_margin: float, rng: random.Random, drops: Counter,
-    keep_truncated: bool | str = False,
+    keep_truncated: bool | str = False, shortest_within: float | None = None,
 ) -> list[tuple[tuple[int, float, str, bool], tuple[int, float, str, bool]]]:
     """The (chosen, rejected) completions of one prompt under `strategy`; drop reasons go into `drops`.
-    `keep_truncated`: a bool, or a `truncation` mode ("rejected": truncated answers are never chosen)."""
+    `keep_truncated`: a bool, or a `truncation` mode ("rejected": truncated answers are never chosen).
+    `shortest_within`: the chosen answer is the shortest scoring within that much of the best (best_worst and
+    best_random; ties in length broken by the seeded choice)."""
     items = usable(judgment, keep_truncated, drops)
     if len(items) < 2:
         drops["too_few_usable"] += 1
@@ -121,11 +137,16 @@ def select_pairs(
             drops["below_margin"] += 1
         return pairs
     chosen = rng.choice([it for it in choosable if it[1] == best_score])
+    if shortest_within is not None:
+        near = [it for it in choosable if it[1] >= best_score - shortest_within - MARGIN_EPS]
+        shortest = min(len(it[2]) for it in near)
+        if len(chosen[2]) > shortest:
+            chosen = rng.choice([it for it in near if len(it[2]) == shortest])
     if strategy == "best_worst":
         rejected = rng.choice([it for it in items if it[1] == worst_score])
     else:  # best_random
-        rejected = rng.choice([it for it in items if it[1] < best_score])
-    if chosen[1] - rejected[1] < min_margin - MARGIN_EPS:
+        rejected = rng.choice([it for it in items if it[1] < chosen[1]] or [chosen])
+    if chosen[1] - rejected[1] < min_margin - MARGIN_EPS or chosen is rejected or chosen[1] <= rejected[1]:
         drops["below_margin"] += 1
         return []
     return [(chosen, rejected)]
@@ -249,13 +270,19 @@ def run(config: PairsConfig) -> Path:
     if state.begin(config.new_run) == "done":
         return out
     drops: Counter[str] = Counter()
-    lines, prompts, chosen_len, rejected_len = [], 0, 0, 0
+    lines, prompts, chosen_len, rejected_len, longer = [], 0, 0, 0, 0
     for judgment in judgments:
         prompts += 1
         rng = random.Random(f"{config.seed}:{judgment['id']}")
-        select = select_comparisons if judgment.get("comparisons") is not None else select_pairs
-        pairs = select(judgment, config.strategy, config.min_margin, rng, drops,
-                       truncation(config.keep_truncated, config.truncated_rejected))
+        mode = truncation(config.keep_truncated, config.truncated_rejected)
+        if judgment.get("comparisons") is not None:
+            pairs = select_comparisons(judgment, config.strategy, config.min_margin, rng, drops, mode)
+        else:
+            pairs = select_pairs(judgment, config.strategy, config.min_margin, rng, drops, mode, config.shortest_within)
+        if config.max_length_ratio is not None:
+            kept = [(c, r) for c, r in pairs if len(c[2]) <= config.max_length_ratio * max(len(r[2]), 1)]
+            drops["length_ratio"] += len(pairs) - len(kept)
+            pairs = kept
         for chosen, rejected in pairs:
             pair_id = judgment["id"] if len(pairs) == 1 else f"{judgment['id']}:{chosen[0]}>{rejected[0]}"
             meta = {
@@ -272,9 +299,16 @@ def run(config: PairsConfig) -> Path:
             lines.append(dumps(to_trl(judgment, chosen, rejected, pair_id, meta)))
             chosen_len += len(chosen[2])
             rejected_len += len(rejected[2])
+            longer += len(chosen[2]) > len(rejected[2])
     n = max(len(lines), 1)
+    drops = +drops  # without zero counts
     counts = dict(prompts=prompts, pairs=len(lines), drops=dict(sorted(drops.items())),
-                  mean_chosen_chars=round(chosen_len / n, 2), mean_rejected_chars=round(rejected_len / n, 2))
+                  mean_chosen_chars=round(chosen_len / n, 2), mean_rejected_chars=round(rejected_len / n, 2),
+                  chosen_longer_share=round(longer / n, 4))
+    if len(lines) >= 20 and longer / n >= LENGTH_BIAS_SHARE:
+        log.warning("pairs: the chosen answer is the longer one in %d of %d pairs (mean %.0f vs %.0f chars): training "
+                    "will make answers longer. Fix, if length is not what the judge should reward: --shortest-within "
+                    "or --max-length-ratio.", longer, len(lines), chosen_len / n, rejected_len / n)
     if not lines:  # nothing to train on is a failed stage, never an empty success (a re-run selects again)
         state.forget_if_empty()  # nothing was made: a corrected command (other settings) starts fresh
         raise StageFailed(no_pairs_message(config.judgments, prompts, drops))

@@ -87,6 +87,8 @@ class TrainConfig:
     loss_weights: list[float] | None = field(None, help="One weight per loss (default: 1.0 each), e.g. 1.0,0.2.")
     beta: float | None = field(None, help="dpo/kto: KL strength (higher stays closer to the reference); orpo: the "
                                "odds-ratio weight λ; simpo: reward scale β. Default: 0.1 (simpo: 2.0).")
+    ld_alpha: float | None = field(None, help="dpo: length desensitization (LD-DPO, TRL's ld_alpha in [0, 1]): the "
+                                   "log-probs of tokens past the shorter answer's length count this much.")
     simpo_gamma: float = field(0.5, help="simpo: target reward margin γ.")
     desirable_weight: float = field(1.0, help="kto: weight of desirable (chosen) completions' losses.")
     undesirable_weight: float = field(1.0, help="kto: weight of undesirable (rejected) completions' losses.")

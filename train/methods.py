@@ -65,6 +65,7 @@ class Method:
                 "beta": config.beta,
                 "loss_type": list(config.loss),
                 "loss_weights": config.loss_weights,
+                "ld_alpha": config.ld_alpha,
                 **dropout,
             }
         if self.name == "kto":

@@ -99,6 +99,29 @@ def test_truncated_answers_may_be_rejected_but_never_chosen():
         PairsConfig(judgments="j.jsonl", out="p.jsonl", keep_truncated=True, truncated_rejected=True)
 
 
+def test_shortest_within_prefers_the_shorter_of_near_best_answers():
+    """Meta-Rewarding's length control: among answers within `shortest_within` of the best score, the shortest is
+    chosen; the rejected answer is still the worst."""
+    j = judgment([1.0, 0.9, 0.2, 0.95], texts=["a long long answer", "short", "bad", "medium one"])
+    assert pick(j)[0] == [(0, 2)]
+    assert pick(j, shortest_within=0.1)[0] == [(1, 2)]
+    assert pick(j, shortest_within=0.06)[0] == [(3, 2)]  # 0.9 is out of reach
+    assert pick(j, shortest_within=0.0)[0] == [(0, 2)]
+
+
+def test_max_length_ratio_drops_pairs_and_the_summary_measures_length_bias(tmp_path, caplog):
+    rows = [judgment([1.0, 0.0], texts=["x" * (10 + i), "y" * 5], rid=f"p{i}") for i in range(25)]
+    rows.append(judgment([1.0, 0.0], texts=["ok", "a much longer wrong answer"], rid="short"))
+    path = write_jsonl(tmp_path / "j.jsonl", rows)
+    run(PairsConfig(judgments=str(path), out=str(tmp_path / "p.jsonl")))
+    summary = read_summary(tmp_path / "p.jsonl")
+    assert summary["chosen_longer_share"] == round(25 / 26, 4)
+    assert "chosen answer is the longer one in 25 of 26 pairs" in caplog.text
+    run(PairsConfig(judgments=str(path), out=str(tmp_path / "q.jsonl"), max_length_ratio=3.0))
+    summary = read_summary(tmp_path / "q.jsonl")
+    assert summary["pairs"] == 1 + 6 and summary["drops"] == {"length_ratio": 19}  # 10..14 chars vs 5 are <= 3x
+
+
 def test_judge_failures_never_enter_a_pair():
     """A completion with a None score (or a non-ok status) is never chosen or rejected; it is counted."""
     pairs, drops = pick(judgment([None, 1.0, None, 0.0]))

@@ -208,3 +208,11 @@ def test_reference_free_methods_continue_an_adapter_without_a_reference_copy(mak
 def test_bad_method_names_the_fix(overrides, fix):
     with pytest.raises(ConfigError, match=fix):
         TrainConfig(model="m", pairs="p.jsonl", out="o", **overrides)
+
+
+def test_length_controls_reach_trl(make_config):
+    """--ld-alpha is TRL's LD-DPO ld_alpha; unset, TRL's own default (no length desensitization) stands."""
+    from prefloop.train.dpo import training_args
+
+    assert training_args(make_config(ld_alpha=0.3)).ld_alpha == 0.3
+    assert training_args(make_config()).ld_alpha is None
