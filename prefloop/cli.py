@@ -6,6 +6,7 @@
     prefloop pairs --judgments j.jsonl --out pairs.jsonl
     prefloop train --model M --pairs pairs.jsonl --out policy/
     prefloop export --in pairs.jsonl --format kto|sft|llamafactory|axolotl --out data.jsonl   # (judgments: + ranked)
+    prefloop judge-eval --judgments j.jsonl --gold verifier.jsonl --out eval.json    # how good is the judge?
     prefloop run --config loop.yaml                 # rounds of all of the above
     prefloop report RUN_DIR
     prefloop merge --out all.jsonl shard0.jsonl shard1.jsonl
@@ -45,6 +46,8 @@ STAGES = {
     "train": ("prefloop.train.dpo", "TrainConfig", "DPO (+LoRA) on pairs with TRL."),
     "export": ("prefloop.judge.export", "ExportConfig", "Export judgments or pairs (TRL kto/sft, ranked, "
                "LLaMA-Factory, axolotl), with a dataset card, to disk or the hub."),
+    "judge-eval": ("prefloop.judge.evaluate", "JudgeEvalConfig", "Score a judge against trusted labels: accuracy, "
+                   "Cohen's kappa, ties, position and length bias, with 95% intervals."),
     "run": ("prefloop.loop", "LoopConfig", "The loop: rounds of generate -> judge -> pairs -> train -> eval."),
 }
 
