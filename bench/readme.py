@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results"
-DOCS = (ROOT / "README.md", ROOT / "docs" / "real-model.md")  # the pages whose tables are rendered here
+DOCS = (ROOT / "README.md", ROOT / "docs" / "real-model.md", ROOT / "docs" / "defaults.md")  # the pages whose tables are rendered here
 
 
 def _load(name: str) -> dict:
@@ -105,8 +105,105 @@ def reward_model() -> str:
                       "two columns in one run, scores equal within 1e-6):", "", *rows])
 
 
+def _rate(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def judges_real() -> str:
+    d = _load("judges-smollm2.json")
+    pw, pt, fb = d["llm_pairwise"], d["llm_pointwise"], d["cai_feedback"]
+    rows = ["| judge (SmolLM2-135M judging its own answers) | parsed | orders agree | first slot wins | agrees with "
+            "the verifier | labels compared |", "| --- | --- | --- | --- | --- | --- |"]
+    parsed = 1 - (pt["stats"]["parse_error_rate"] or 0) - (pt["stats"]["error_rate"] or 0)
+    vs = pt["vs_verifier"]
+    tied = f" ({vs['judge_ties']} of {vs['pairs_separated']} pairs tied)" if vs["agreement"] is not None else ""
+    rows.append(f"| `--judge llm --mode pointwise` | {_rate(parsed)} | – | – | {_rate(vs['agreement'])}{tied} | "
+                f"{vs['agree'] + vs['disagree']} |")
+    for name, x in (("`--judge llm --mode pairwise`", pw), ("`--judge constitutional --mode feedback`", fb)):
+        st = x["stats"]
+        parsed = 1 - (st["parse_error_rate"] or 0) - (st["error_rate"] or 0)
+        agree = x.get("orders_agree", st["agreement_rate"])
+        rows.append(f"| {name} | {_rate(parsed)} | {_rate(agree)} | {_rate(st['first_position_win_rate'])} | "
+                    f"{_rate(x['vs_verifier']['agreement'])} | {x['vs_verifier']['labels_the_verifier_separates']} |")
+    rev, harm = d["cai_revise_instructions"], d["cai_revise_harmless"]
+    hist = ", ".join(f"{k}: {v}" for k, v in fb["p_chosen_histogram"].items())
+    lines = [f"`python bench/judges_real.py` ({d['machine']['date']}, `bench/results/judges-smollm2.json`): "
+             f"{d['prompts']} instruction prompts, 4 answers each at T=0.8, judged by the same SmolLM2 on "
+             f"{d['backend']}; the verifier (`instructions:reward`) gives the reference order.", "", *rows, "",
+             f"- CAI feedback p_chosen (max of p, 1-p after averaging both orders): mean {fb['p_chosen_mean']:.3f}, "
+             f"median {fb['p_chosen_median']:.3f}; histogram {hist}.",
+             f"- CAI revise on one greedy answer per instruction prompt (`helpful_honest`, the verifier as "
+             f"`verifier`): {rev['revision_better']} of {rev['verified']} revisions scored higher than their "
+             f"original ({_rate(rev['revision_better_share'])}); statuses {rev['statuses']}.",
+             f"- CAI revise with `harmless` on {harm['rows']} everyday and red-team prompts: statuses "
+             f"{harm['statuses']}; every critique and revision is in the results file, for example:"]
+    for x in (harm["examples"][1], harm["examples"][6]):
+        ask = x["prompt"][-1]["content"] if isinstance(x["prompt"], list) else x["prompt"]
+        lines += ["", f"  > **{ask}** original: \"{_clip(x['original'])}\" critique: \"{_clip(x['critique'])}\" "
+                  f"revision: \"{_clip(x['revision'])}\""]
+    stop = d["llm_pointwise_defaults"]
+    lines += ["", f"With the judge stage's defaults (512 new tokens, two re-asks when an answer has no verdict), the "
+              f"pointwise judge on 4 prompts ended with exit {stop['exit']}:", "", f"```\n{stop['error']}\n```"]
+    return "\n".join(lines)
+
+
+def _clip(text: str | None, n: int = 150) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
+
+
+def judge_eval() -> str:
+    d = _load("judge-eval.json")
+    rows = ["| judge | labelled | decided | accuracy [95% CI] | Cohen's κ [95% CI] | picks the longer (gold) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in d["judges"].items():
+        acc = "–" if r["accuracy"] is None else f"{_rate(r['accuracy'])} [{_rate(r['accuracy_ci95'][0])}, " \
+              f"{_rate(r['accuracy_ci95'][1])}]"
+        k = "–" if r["cohens_kappa"] is None else f"{r['cohens_kappa']:.2f} [{r['cohens_kappa_ci95'][0]:.2f}, " \
+            f"{r['cohens_kappa_ci95'][1]:.2f}]"
+        lb = r["length_bias"]
+        longer = "–" if lb["judge_picks_longer"] is None else f"{_rate(lb['judge_picks_longer'])} " \
+                 f"({_rate(lb['gold_picks_longer'])})"
+        rows.append(f"| {name} | {r['labelled_comparisons']} | {r['decided']} | {acc} | {k} | {longer} |")
+    return "\n".join([f"`python bench/judge_eval.py` ({d['machine']['date']}, `bench/results/judge-eval.json`): "
+                      "`prefloop judge-eval` of each judge above against the verifier's order of the same answers:",
+                      "", *rows])
+
+
+def defaults() -> str:
+    d = _load("defaults.json")
+    names = list(dict.fromkeys(name for task in d["tasks"].values() for name in task["settings"]))
+    head = ["task (model, samples per prompt)", "before", *names]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for task in d["tasks"].values():
+        model = "SmolLM2-135M" if "SmolLM2" in task["model"] else "tiny 0.8M Llama"
+        cells = [f"{task['task']} ({model}, {task['n']})", _pct(task["base"]["accuracy"])]
+        for name in names:
+            r = task["settings"].get(name)
+            cells.append("–" if r is None else f"{_pct(r['accuracy'])} ({100 * r['delta']:+.1f}; {r['pairs']} pairs)")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join([f"`python bench/defaults.py` ({d['machine']['date']}, `bench/results/defaults.json`): held-out "
+                      "accuracy after one round from the same samples; in brackets the change in points and the "
+                      "pairs trained on.", "", *rows])
+
+
+def methods() -> str:
+    d = _load("methods.json")
+    rows = ["| method | beta | held-out before | after | rows trained | steps | train s |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["methods"]:
+        rows.append(f"| `{r['method']}` | {r['beta'] if r['method'] != 'sft' else '–'} | {_pct(r['accuracy_before'])} "
+                    f"| {_pct(r['accuracy_after'])} | {r['rows_trained']} {r['rows']} | {r['steps']} | "
+                    f"{r['train_s']:.0f} |")
+    t = d["demo_train"]
+    return "\n".join([f"`python bench/methods.py` ({d['machine']['date']}, `bench/results/methods.json`): one round of "
+                      f"the addition demo per method, same samples, lr {t['lr']}, batch {t['batch_size']}, "
+                      f"{t['epochs']} epochs, LoRA:", "", *rows])
+
+
 TABLES: dict[str, Callable[[], str]] = {"demo": demo, "demo_instructions": demo_instructions, "generation": generation,
-                                        "reward_model": reward_model}
+                                        "reward_model": reward_model, "judges_real": judges_real, "judge_eval": judge_eval,
+                                        "defaults": defaults, "methods": methods}
 BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench -->)", re.S)
 
 

@@ -81,8 +81,10 @@ class TrainConfig:
         "(a frozen copy of `adapter`, the previous round's policy).",
     )
     loss: list[str] = field(
-        ["sigmoid"],
-        help=f"dpo: TRL loss type(s), comma separated, e.g. sigmoid,sft (RPO). One of: {', '.join(LOSS_TYPES)}.",
+        ["sigmoid", "sft"],
+        help=f"dpo: TRL loss type(s), comma separated. Default sigmoid,sft: DPO plus SFT on the chosen answer (RPO), "
+        f"chosen on three tasks where plain sigmoid lost up to 10 points in a round (docs/defaults.md). One of: "
+        f"{', '.join(LOSS_TYPES)}.",
     )
     loss_weights: list[float] | None = field(None, help="One weight per loss (default: 1.0 each), e.g. 1.0,0.2.")
     beta: float | None = field(None, help="dpo/kto: KL strength (higher stays closer to the reference); orpo: the "
