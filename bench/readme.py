@@ -189,16 +189,16 @@ def defaults() -> str:
 
 def methods() -> str:
     d = _load("methods.json")
-    rows = ["| method | beta | held-out before | after | rows trained | steps | train s |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| method | beta | lr | held-out before | after | rows trained | steps | train s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in d["methods"]:
-        rows.append(f"| `{r['method']}` | {r['beta'] if r['method'] != 'sft' else '–'} | {_pct(r['accuracy_before'])} "
-                    f"| {_pct(r['accuracy_after'])} | {r['rows_trained']} {r['rows']} | {r['steps']} | "
-                    f"{r['train_s']:.0f} |")
+        rows.append(f"| `{r['method']}` | {r['beta'] if not r['method'].startswith('sft') else '–'} | {r['lr']:g} | "
+                    f"{_pct(r['accuracy_before'])} | {_pct(r['accuracy_after'])} | {r['rows_trained']} {r['rows']} | "
+                    f"{r['steps']} | {r['train_s']:.0f} |")
     t = d["demo_train"]
     return "\n".join([f"`python bench/methods.py` ({d['machine']['date']}, `bench/results/methods.json`): one round of "
-                      f"the addition demo per method, same samples, lr {t['lr']}, batch {t['batch_size']}, "
-                      f"{t['epochs']} epochs, LoRA:", "", *rows])
+                      f"the addition demo per method from the same samples (batch {t['batch_size']}, {t['epochs']} "
+                      "epochs, LoRA):", "", *rows])
 
 
 TABLES: dict[str, Callable[[], str]] = {"demo": demo, "demo_instructions": demo_instructions, "generation": generation,
