@@ -41,7 +41,6 @@ tests build an answer that meets every compatible pair of each split.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefloop.tasks import task_main, write_splits
 from prefloop.tasks.constraints import (  # noqa: F401 - re-exported: the checkers are part of this module's API
     _CHAR_NAMES,
     _FENCE,
@@ -324,14 +324,7 @@ def make_prompts(n: int, split: str = "train", seed: int = 0) -> list[dict[str, 
 def write_task(directory: str | Path, n_train: int = 4000, n_heldout: int = 500, seed: int = 0) -> tuple[Path, Path]:
     """Write `make_prompts` rows as `directory/train.jsonl` and `directory/heldout.jsonl` (each file replaced
     atomically); return both paths. The held-out rows use `seed` too, so one seed names the whole task."""
-    from prefloop.store import atomic_write, dumps
-
-    paths = []
-    for split, n in (("train", n_train), ("heldout", n_heldout)):
-        path = Path(directory) / f"{split}.jsonl"
-        atomic_write(path, "".join(dumps(row) for row in make_prompts(n, split=split, seed=seed)))
-        paths.append(path)
-    return paths[0], paths[1]
+    return write_splits(directory, make_prompts, n_train, n_heldout, seed)
 
 
 # ---------------------------------------------------------------------------------------------------- verifier
@@ -396,15 +389,7 @@ def strict(prompts: list[Any], completions: list[Any], constraints: list[Any] | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m prefloop.tasks.instructions DIR [--train N] [--heldout N] [--seed S]`: write the task's files."""
-    parser = argparse.ArgumentParser(prog="python -m prefloop.tasks.instructions", description=main.__doc__)
-    parser.add_argument("directory")
-    parser.add_argument("--train", type=int, default=4000, help="train prompts (default 4000)")
-    parser.add_argument("--heldout", type=int, default=500, help="held-out prompts (default 500)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for path in write_task(args.directory, args.train, args.heldout, args.seed):
-        print(path)
+    task_main("instructions", write_task, 4000, 500, argv)
 
 
 if __name__ == "__main__":

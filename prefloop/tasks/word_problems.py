@@ -13,12 +13,13 @@ word up to twenty): 1.0 when it equals the row's answer, else 0.0.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import random
 import re
 from pathlib import Path
 from typing import Any
+
+from prefloop.tasks import task_main, write_splits
 
 # (template, operation): {name} {obj} {a} {b}; the operation gives the answer from a and b.
 TEMPLATES = (
@@ -81,14 +82,7 @@ def make_prompts(n: int, split: str = "train", seed: int = 0) -> list[dict[str, 
 
 def write_task(directory: str | Path, n_train: int = 2000, n_heldout: int = 200, seed: int = 0) -> tuple[Path, Path]:
     """Write `directory/train.jsonl` and `directory/heldout.jsonl` atomically; return both paths."""
-    from prefloop.store import atomic_write, dumps
-
-    paths = []
-    for split, n in (("train", n_train), ("heldout", n_heldout)):
-        path = Path(directory) / f"{split}.jsonl"
-        atomic_write(path, "".join(dumps(row) for row in make_prompts(n, split=split, seed=seed)))
-        paths.append(path)
-    return paths[0], paths[1]
+    return write_splits(directory, make_prompts, n_train, n_heldout, seed)
 
 
 def last_number(text: str) -> float | None:
@@ -124,14 +118,7 @@ def reward(prompts: list[Any], completions: list[Any], answer: list[Any] | None 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m prefloop.tasks.word_problems", description=__doc__.split("\n")[0])
-    parser.add_argument("directory")
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--heldout", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for path in write_task(args.directory, args.train, args.heldout, args.seed):
-        print(path)
+    task_main("word_problems", write_task, 2000, 200, argv)
 
 
 if __name__ == "__main__":
