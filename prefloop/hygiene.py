@@ -21,7 +21,6 @@ from typing import Any
 
 WORDS = re.compile(r"[^0-9a-z]+")
 NGRAMS = (13, 8)
-REASONS = ("exact", *(f"ngram{n}" for n in NGRAMS), "near_duplicate")
 
 
 def prompt_text(prompt: Any) -> str:

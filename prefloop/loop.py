@@ -446,10 +446,10 @@ def _decontaminate(config: LoopConfig, pool: list[dict[str, Any]]) -> tuple[list
     """The pool without prompts that match an eval (or named benchmark) prompt, and what was removed, by reason."""
     from prefloop.hygiene import decontaminate
 
-    settings = {"ngram_threshold": 0.5, "near_threshold": 0.8, "benchmarks": [], **config.decontaminate}
-    files = ([config.eval_prompts] if config.eval_prompts else []) + list(settings["benchmarks"])
+    thresholds = {k: v for k, v in config.decontaminate.items() if k != "benchmarks"}  # else hygiene's defaults
+    files = ([config.eval_prompts] if config.eval_prompts else []) + list(config.decontaminate.get("benchmarks", []))
     reference = [row["prompt"] for f in files for row in load_prompts(f).records]  # each validated whole
-    kept, info = decontaminate(pool, reference, settings["ngram_threshold"], settings["near_threshold"])
+    kept, info = decontaminate(pool, reference, **thresholds)
     if not kept:
         raise ConfigError(f"{config.prompts}: every training prompt matches an eval or benchmark prompt "
                           f"({info['by_reason']}). Fix: train on other prompts, or raise decontaminate thresholds.")
@@ -460,14 +460,13 @@ def _decontaminate(config: LoopConfig, pool: list[dict[str, Any]]) -> tuple[list
     return kept, {**info, "pool": len(pool), "kept": len(kept), "reference_prompts": len(reference)}
 
 
-def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]], cleaned: dict[str, Any] | None = None) -> Path:
+def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]], cleaned: dict[str, Any]) -> Path:
     from prefloop.report import write_report
 
     root = Path(config.out)
     manifest = Manifest(config)
     manifest.data["status"] = "running"
-    if cleaned is not None:
-        manifest.data["decontamination"] = cleaned
+    manifest.data["decontamination"] = cleaned
 
     policy: dict[str, Any] = {"model": config.model, "adapter": None}
     manifest.round(0, policy)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop.tasks import task_main, write_splits
+from prefloop.tasks.instructions import completion_text
 
 # (template, operation): {name} {obj} {a} {b}; the operation gives the answer from a and b.
 TEMPLATES = (
@@ -94,12 +95,6 @@ def last_number(text: str) -> float | None:
     return float(WORDS.index(token)) if token in WORDS else float(token)
 
 
-def _text(completion: Any) -> str | None:
-    from prefloop.tasks.instructions import completion_text
-
-    return completion_text(completion)
-
-
 def reward(prompts: list[Any], completions: list[Any], answer: list[Any] | None = None,
            **columns: Any) -> list[float | None]:
     """1.0 where the completion's last number equals its row's `answer`, else 0.0 (TRL reward-function convention:
@@ -108,7 +103,7 @@ def reward(prompts: list[Any], completions: list[Any], answer: list[Any] | None 
         raise ValueError("no `answer` column: pass the rows `make_prompts` writes")
     out: list[float | None] = []
     for completion, want in zip(completions, answer, strict=True):
-        text = _text(completion)
+        text = completion_text(completion)
         if text is None:
             out.append(None)
             continue
