@@ -19,6 +19,10 @@ those two in its bracket). Reported, with 95% intervals (Wilson for rates, a see
 - `length_bias`: of decided comparisons whose answers differ in length, how often the judge picks the longer one,
   next to how often gold does (a judge that favours length sits above gold).
 
+An ensemble's judgments (`--judge ensemble`) carry each member's scores: the report adds `members`, the same
+numbers for each member on the same labelled comparisons, and `ensemble_agreement`, the share of prompts on which
+the members share a best and a worst answer.
+
 Failure semantics: both files are validated whole (`InputError` naming file:line); nothing to compare (no prompt in
 common, or gold never separates two answers) is `StageFailed`; the report is written atomically.
 """
@@ -171,6 +175,17 @@ def evaluate(judged: list[dict], comparisons: list[tuple[str, int, int]], seed: 
     }
 
 
+def ensemble_report(judged: list[dict], comparisons: list[tuple[str, int, int]], seed: int, bootstrap: int) -> dict:
+    """Each ensemble member scored like the ensemble, from the member scores its records keep (judge/ensemble.py)."""
+    members = []
+    for m, first in enumerate(judged[0]["ensemble"]["members"]):
+        rows = [{"id": r["id"], "completions": r["completions"],
+                 **{k: v for k, v in r["ensemble"]["members"][m].items() if k != "judge"}} for r in judged]
+        members.append({"judge": first["judge"], **evaluate(rows, comparisons, seed, bootstrap)})
+    decided = [r["ensemble"]["agree"] for r in judged if r["ensemble"].get("agree") is not None]
+    return {"members": members, "ensemble_agreement": round(sum(decided) / len(decided), 4) if decided else None}
+
+
 def run(config: JudgeEvalConfig) -> Path:
     judged = load_judgments(config.judgments)
     comparisons = gold_comparisons(Path(config.gold), {r["id"]: r for r in judged})
@@ -180,9 +195,13 @@ def run(config: JudgeEvalConfig) -> Path:
                           "with the gold judge, or pass gold pairs whose answers the judged file holds.")
     report = {"judgments": config.judgments, "gold": config.gold,
               **evaluate(judged, comparisons, config.seed, config.bootstrap)}
+    if judged and all("ensemble" in r for r in judged):
+        report.update(ensemble_report(judged, comparisons, config.seed, config.bootstrap))
     atomic_write_json(Path(config.out), report)
     ci = report["accuracy_ci95"] or ["–", "–"]
     print(f"judge-eval: {report['decided']} of {report['labelled_comparisons']} comparisons decided; accuracy "
           f"{report['accuracy']} [{ci[0]}, {ci[1]}], kappa {report['cohens_kappa']}, ties {report['tie_rate']}, "
           f"no verdict {report['no_verdict_rate']} -> {config.out}")
+    for i, m in enumerate(report.get("members", [])):
+        print(f"  member {i} ({m['judge']}): {m['decided']} decided; accuracy {m['accuracy']}, kappa {m['cohens_kappa']}")
     return Path(config.out)

@@ -273,6 +273,9 @@ def run(config: PairsConfig) -> Path:
     lines, prompts, chosen_len, rejected_len, longer = [], 0, 0, 0, 0
     for judgment in judgments:
         prompts += 1
+        if (judgment.get("ensemble") or {}).get("drop"):  # judge/ensemble.py: members disagree, drop_disagreements
+            drops["judges_disagree"] += 1
+            continue
         rng = random.Random(f"{config.seed}:{judgment['id']}")
         mode = truncation(config.keep_truncated, config.truncated_rejected)
         if judgment.get("comparisons") is not None:

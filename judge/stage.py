@@ -4,6 +4,8 @@
     prefloop judge --candidates c.jsonl --out j.jsonl --judge reward_model --reward-model PATH
     prefloop judge --candidates c.jsonl --out j.jsonl --judge llm --judge-model M --judge-backend hf|vllm|openai \
         [--base-url U] --mode pairwise|pointwise [--template NAME|FILE.yaml]
+    prefloop judge --candidates c.jsonl --out j.jsonl --judge ensemble --members members.yaml [--combine vote] \
+        [--drop-disagreements]                       # several judges in turn, combined (judge/ensemble.py)
 
 The summary beside the output (`j.summary.json`) carries the judge's statistics (`judge/stats.py`): agreement
 between orders, first-position win rate, tie, parse-error and refusal rates.
@@ -44,8 +46,18 @@ log = logging.getLogger(__name__)
 class JudgeConfig:
     candidates: str = field(help="Candidates JSONL written by `prefloop generate`.")
     out: str = field(help="Judgments JSONL to write (appended to on resume).", hash=False)
-    judge: str = field("python", help=f"Judge: {', '.join(BACKENDS)}.")
+    judge: str = field("python", help=f"Judge: {', '.join(BACKENDS)}, or ensemble (several of them, combined).")
     reward_fn: str | None = field(None, help="python: FILE.py:function or module:function.")
+    # ensemble (judge/ensemble.py)
+    members: Any = field(None, help="ensemble: the member judges, one judge config each (the keys of `prefloop "
+                         "judge`): a YAML/JSON file or an inline YAML list, e.g. '[{judge: python, reward_fn: "
+                         "r.py:f}, {judge: reward_model, reward_model: PATH}]'. They run in turn, each into "
+                         "<stem>.members/<i>.jsonl.", hash=False)  # hashed as member_hashes: their own configs
+    member_hashes: list[str] = field([], help="(derived) each ensemble member's config hash.", cli=False)
+    combine: str = field("mean", help="ensemble: mean (of each member's rank-normalized scores) or vote (for the "
+                         "candidates a member ranks best, against those it ranks worst).")
+    drop_disagreements: bool = field(False, help="ensemble: mark prompts on which the members share no best or no "
+                                     "worst candidate; `prefloop pairs` drops their pairs.")
     # reward_model
     reward_model: str | None = field(None, help="reward_model: a sequence-classification model directory or hub id.")
     rm_output: str = field("0", help="reward_model: which output is the score: an index or a label name.")
@@ -110,8 +122,13 @@ class JudgeConfig:
 
     def __post_init__(self) -> None:
         check_engine(self)
+        if self.judge == "ensemble":
+            from prefloop.judge.ensemble import check
+
+            check(self)
+            return
         if self.judge not in BACKENDS:
-            raise ConfigError(f"judge = {self.judge!r}. Fix: use one of {', '.join(BACKENDS)}.")
+            raise ConfigError(f"judge = {self.judge!r}. Fix: use one of {', '.join(BACKENDS)}, ensemble.")
         if self.judge == "python" and not self.reward_fn:
             raise ConfigError("--judge python needs --reward-fn FILE.py:function (or module:function).")
         if self.judge == "reward_model" and not self.reward_model:
@@ -156,7 +173,7 @@ class JudgeConfig:
     def identity(self) -> dict[str, Any]:
         """What makes two judges give the same answers: the cache's key (weights fingerprinted, not just named)."""
         values = hashed_dict(self)
-        for key in ("candidates", "chunk_size", "reward_fn"):
+        for key in ("candidates", "chunk_size", "reward_fn", "member_hashes", "combine", "drop_disagreements"):
             values.pop(key, None)
         values.update(reward_model=fingerprint(self.reward_model), judge_model=fingerprint(self.judge_model),
                       judge_adapter=fingerprint(self.judge_adapter), dtype=self.dtype)
@@ -229,6 +246,10 @@ def load_candidates(path: str | Path) -> list[dict[str, Any]]:
 @exclusive
 def run(config: JudgeConfig) -> Path:
     """Judge every candidates record into `config.out`; return its path. See module docstring."""
+    if config.judge == "ensemble":
+        from prefloop.judge.ensemble import run as run_ensemble
+
+        return run_ensemble(config)
     out = Path(config.out)
     rows = load_candidates(config.candidates)
     # A python judge loads before anything is written: a wrong --reward-fn must fail without leaving an output.

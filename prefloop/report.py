@@ -212,6 +212,10 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any], answers: int = ANSW
                 notes.append(f"{name} completion statuses: {_counts(s['completion_statuses'])}")
             if s and s.get("stats") and _judge_note(name, s["stats"]):
                 notes.append(_judge_note(name, s["stats"]))
+            agreement = (s or {}).get("agreement") or {}  # a judge ensemble (judge/ensemble.py)
+            if agreement.get("agree_rate") is not None:
+                notes.append(f"{name} ensemble members agree on best and worst in {_pct(agreement['agree_rate'])} "
+                             f"of {agreement['prompts']} prompts ({agreement['marked_to_drop']} marked to drop)")
         s = done_summary(r, "pairs")
         if s and s.get("mean_chosen_chars") is not None and s.get("mean_rejected_chars") is not None:
             # A chosen side that is systematically longer is the classic length bias of judges.
