@@ -10,7 +10,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from prefloop.errors import PrefloopError
 from prefloop.records import Completion, Prompt
@@ -39,6 +39,10 @@ class Sampling:
     # One seed per prompt of the call (prompt i's k-th sample uses seeds[i] + k): a prompt's samples then depend on
     # the prompt alone, not on its batch, so a resumed stage writes what a straight run did. None: derived from seed.
     seeds: list[int] | None = None
+    # One dict per prompt of the call: extra arguments for the chat template of a message prompt, e.g. {"tools":
+    # [...], "enable_thinking": False} (`records.chat_template_kwargs`). Per prompt, because a row may bring its own
+    # tools. None: the template's defaults for every prompt.
+    chat_template_kwargs: list[dict[str, Any]] | None = None
 
 
 class GenerationAborted(PrefloopError, RuntimeError):
@@ -65,15 +69,25 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
-def encode_prompt(tokenizer, prompt: Prompt, name: str = "model") -> list[int]:
+def encode_prompt(tokenizer, prompt: Prompt, name: str = "model",
+                  template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Token ids of one prompt, the same way in every local backend (so hf and vllm see identical inputs).
 
     A plain string is tokenized as is, with the tokenizer's default special tokens (e.g. BOS). A message list goes
-    through the chat template with the generation prompt; the template writes its own special tokens. A message
-    list that ends with an assistant message is a prefill: the model continues that message (judges use this to
-    put words in its mouth, e.g. "The answer is: ("). User prompt files never end that way (the loader refuses).
+    through the chat template with the generation prompt; the template writes its own special tokens. A whole
+    conversation is rendered with its history, so the model writes the next assistant turn. `template_kwargs`
+    (e.g. `tools`, `enable_thinking`) go to the template as `apply_chat_template` arguments, as TRL passes them when
+    it trains on the pairs. A message list that ends with an assistant message is a prefill: the model continues
+    that message (judges use this to put words in its mouth, e.g. "The answer is: ("). User prompt files never end
+    that way (the loader refuses).
     """
+    template_kwargs = template_kwargs or {}
     if isinstance(prompt, str):
+        if template_kwargs:
+            raise ValueError(
+                f"{name}: chat-template arguments ({', '.join(sorted(template_kwargs))}) for a plain-text prompt, "
+                "which no chat template renders. Fix: give the prompt as messages (or pass --chat)."
+            )
         return tokenizer(prompt)["input_ids"]
     if not tokenizer.chat_template:
         raise ValueError(
@@ -81,10 +95,20 @@ def encode_prompt(tokenizer, prompt: Prompt, name: str = "model") -> list[int]:
             "Fix: use plain-string prompts, or a model whose tokenizer defines `chat_template`."
         )
     if prompt[-1]["role"] == "assistant":
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, continue_final_message=True)
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, continue_final_message=True, **template_kwargs)
     else:
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **template_kwargs)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_template_kwargs(sampling: Sampling, count: int) -> list[dict[str, Any]]:
+    """Each prompt's chat-template arguments for one call: `sampling.chat_template_kwargs`, else none."""
+    if sampling.chat_template_kwargs is None:
+        return [{} for _ in range(count)]
+    if len(sampling.chat_template_kwargs) != count:
+        raise ValueError(f"{len(sampling.chat_template_kwargs)} chat_template_kwargs for {count} prompts: give one "
+                         "dict per prompt.")
+    return [dict(k or {}) for k in sampling.chat_template_kwargs]
 
 
 def prompt_seeds(sampling: Sampling, count: int, n: int) -> list[int]:

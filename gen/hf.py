@@ -9,7 +9,8 @@
     gen.close()
 
 A plain-string prompt is tokenized as is (raw text, completion style, with the tokenizer's default special tokens,
-e.g. Llama's BOS); a message list goes through the tokenizer's chat template with `add_generation_prompt=True`.
+e.g. Llama's BOS); a message list (one request, or a conversation to continue) goes through the tokenizer's chat
+template with `add_generation_prompt=True` and the prompt's `Sampling.chat_template_kwargs` (e.g. `tools`).
 
 `num_tokens` counts the tokens the model produced for that completion, padding excluded, *including* the EOS token
 (or the token that completed a stop string) -- the same count as vLLM's `len(CompletionOutput.token_ids)`. So an
@@ -37,7 +38,14 @@ from transformers import (
 )
 
 from prefloop.device import resolve_device, resolve_dtype
-from prefloop.gen import Sampling, check_context, encode_prompt, merge_alternatives, prompt_seeds
+from prefloop.gen import (
+    Sampling,
+    check_context,
+    encode_prompt,
+    merge_alternatives,
+    prompt_seeds,
+    prompt_template_kwargs,
+)
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -106,8 +114,8 @@ class HFGenerator:
         # Tokens actually decoded so far (greedy copies count once), for the stage's tokens/s.
         self.tokens_generated = 0
 
-    def _encode(self, prompt: Prompt) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt, self.name)
+    def _encode(self, prompt: Prompt, template_kwargs: dict | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, self.name, template_kwargs)
 
     def _batches(self, lengths: list[int], n: int, max_new_tokens: int) -> list[list[int]]:
         """Prompt indices grouped into batches, longest first (an out-of-memory then shows up in the first batch)."""
@@ -156,7 +164,8 @@ class HFGenerator:
             raise RuntimeError("HFGenerator.generate called after close().")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
-        encoded = [self._encode(p) for p in prompts]
+        kwargs = prompt_template_kwargs(sampling, len(prompts))
+        encoded = [self._encode(p, k) for p, k in zip(prompts, kwargs, strict=True)]
         check_context([len(e) for e in encoded], sampling.max_new_tokens, self.max_context)
         greedy = sampling.temperature <= 0
         # Greedy decoding is deterministic, so the n completions are identical: decode once and copy.

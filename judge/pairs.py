@@ -17,7 +17,10 @@ ties, and margins below `min_margin`. Ties among the best (or worst) are broken 
 The output is written whole and atomically (pairs are a pure function of the judgments), and loads with
 `datasets.load_dataset("json", data_files=...)` straight into `trl.DPOTrainer`: conversational records
 (`prompt` = messages, `chosen`/`rejected` = one assistant message) for message prompts, standard (strings) for
-plain-text prompts.
+plain-text prompts. A conversation keeps its whole history in `prompt`. When generate rendered a prompt with
+chat-template arguments, the pair carries them as TRL's trainers read them: `tools` (as a JSON string, which TRL
+parses: tools of different shapes would otherwise be merged into one Arrow struct, nulls added) and
+`chat_template_kwargs` (the rest), so training renders the prompt exactly as generation did.
 """
 
 from __future__ import annotations
@@ -208,16 +211,20 @@ def to_trl(judgment: dict[str, Any], chosen: tuple, rejected: tuple, pair_id: st
         wrap = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
     else:
         wrap = lambda text: text  # noqa: E731
-    return {
+    record = {
         "id": pair_id,
         "prompt": prompt,
         "chosen": wrap(chosen[2]),
         "rejected": wrap(rejected[2]),
-        "score_chosen": chosen[1],
-        "score_rejected": rejected[1],
-        "margin": chosen[1] - rejected[1],
-        "meta": meta,
     }
+    template_kwargs = dict(judgment.get("chat_template_kwargs") or {})
+    tools = template_kwargs.pop("tools", None)
+    if tools:
+        record["tools"] = json.dumps(tools, ensure_ascii=False)
+    if template_kwargs:
+        record["chat_template_kwargs"] = template_kwargs
+    return {**record, "score_chosen": chosen[1], "score_rejected": rejected[1], "margin": chosen[1] - rejected[1],
+            "meta": meta}
 
 
 def load_judgments(path: str | Path) -> list[dict[str, Any]]:

@@ -398,6 +398,8 @@ def _judgment(row: dict[str, Any], verdict: dict[str, Any], judge: Judge, chash:
     for key in ("comparisons", "raw", "details", "revision"):
         if verdict.get(key) is not None:
             record[key] = verdict[key]
+    if row.get("chat_template_kwargs"):  # how generate rendered the prompt (tools...): the pairs pass it to TRL
+        record["chat_template_kwargs"] = row["chat_template_kwargs"]
     if getattr(judge, "info", None):
         record["judge_info"] = judge.info
     return record

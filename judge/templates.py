@@ -8,7 +8,10 @@
 
 Untrusted text (the prompt and the candidates) is fenced in tags and escaped: inside it, `&`, `<` and `>` become
 `&amp;`, `&lt;` and `&gt;`, so a candidate cannot close its own tag, and placeholders are filled in one pass over
-the template, so a candidate that writes `{response_b}` is not expanded. The verdict is read only from the last
+the template, so a candidate that writes `{response_b}` is not expanded. A prompt that is a conversation (it has
+history: an earlier assistant or tool turn, or several user turns) fills `{prompt}` one tag per turn, the last one
+marked `<last_turn>`: the judge reads the history as context and rates the response, the assistant's reply to that
+last turn (see `fenced_prompt`). The verdict is read only from the last
 non-empty line of the judge's answer, anchored at both ends: a candidate that writes "Verdict: [[A]]" (which the
 judge may quote while reasoning) cannot move the result.
 """
@@ -16,6 +19,7 @@ judge may quote while reasoning) cannot move the result.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -119,9 +123,34 @@ def show_prompt(prompt: Prompt) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def has_history(prompt: Prompt) -> bool:
+    """A message prompt with turns before the one the response answers (system messages do not count)."""
+    return not isinstance(prompt, str) and sum(m["role"] != "system" for m in prompt) > 1
+
+
+def fenced_prompt(prompt: Prompt) -> str:
+    """The prompt as a judge reads it, untrusted text escaped. A string or a single request: `show_prompt`. A
+    conversation with history: each earlier turn in its own `<turn role="...">` tag (an assistant turn's tool calls
+    too) and the turn being answered in `<last_turn role="...">`, so the judge can tell the history, which is
+    context, from the request the response answers; escaping keeps a message from posing as another turn."""
+    if not has_history(prompt):
+        return escape(show_prompt(prompt))
+
+    def body(m: dict) -> str:
+        calls = f"\n(tool calls: {json.dumps(m['tool_calls'], ensure_ascii=False)})" if m.get("tool_calls") else ""
+        return escape(m["content"] + calls)
+
+    def role(m: dict) -> str:
+        return escape(str(m["role"])).replace('"', "&quot;")
+
+    *history, last = prompt
+    turns = [f'<turn role="{role(m)}">\n{body(m)}\n</turn>' for m in history]
+    return "\n".join([*turns, f'<last_turn role="{role(last)}">\n{body(last)}\n</last_turn>'])
+
+
 def render(template: Template, prompt: Prompt, responses: list[str]) -> str:
     """The judge's instruction with every placeholder filled in one pass (untrusted text escaped)."""
-    values = {"prompt": escape(show_prompt(prompt))}
+    values = {"prompt": fenced_prompt(prompt)}
     if template.mode == "pairwise":
         values["response_a"], values["response_b"] = (escape(r) for r in responses)
     else:

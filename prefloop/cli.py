@@ -40,7 +40,8 @@ def _stage(module: str, config_cls: str) -> tuple[type, Callable[[Any], Any]]:
 
 # subcommand -> (module, config class, one-line help). Modules import lazily so `prefloop --help` is instant.
 STAGES = {
-    "generate": ("prefloop.gen.stage", "GenerateConfig", "Sample N completions per prompt."),
+    "generate": ("prefloop.gen.stage", "GenerateConfig", "Sample N completions per prompt: a text, or messages "
+                 "(one request, or a conversation whose next assistant turn is sampled)."),
     "judge": ("prefloop.judge.stage", "JudgeConfig", "Score every completion."),
     "pairs": ("prefloop.judge.pairs", "PairsConfig", "Select chosen/rejected pairs (TRL format)."),
     "train": ("prefloop.train.dpo", "TrainConfig", "DPO (+LoRA) on pairs with TRL."),

@@ -171,14 +171,16 @@ class GenerateActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from prefloop.gen import GenerationAborted, encode_prompt
         from prefloop.gen.stage import prompt_seed
+        from prefloop.records import chat_template_kwargs
 
         rows = [json.loads(r) for r in batch["row"]]
+        kwargs = [chat_template_kwargs(r, self.config.chat_template_kwargs) for r in rows]
         status = ["ok"] * len(rows)
         detail = [""] * len(rows)
         tokenizer, context = getattr(self.generator, "tokenizer", None), getattr(self.generator, "max_context", 0)
         if tokenizer is not None and context:
             for i, r in enumerate(rows):
-                length = len(encode_prompt(tokenizer, r["prompt"], self.generator.name))
+                length = len(encode_prompt(tokenizer, r["prompt"], self.generator.name, kwargs[i]))
                 if length > context - self.config.max_new_tokens:
                     status[i], detail[i] = "too_long", json.dumps([length, context])
         todo = [i for i, s in enumerate(status) if s == "ok"]
@@ -187,6 +189,7 @@ class GenerateActor:
             sampling = self.config.sampling
             # Each prompt's own seed, as on the local engine: the same samples whatever the batch.
             sampling.seeds = [prompt_seed(self.config.seed, rows[i]["id"]) for i in todo]
+            sampling.chat_template_kwargs = [kwargs[i] for i in todo]
             try:
                 out = self.generator.generate([rows[i]["prompt"] for i in todo], self.config.n, sampling)
             except GenerationAborted as e:  # keep what finished; the driver writes it, then stops the stage

@@ -189,7 +189,8 @@ def generate_on_ray_llm(config: Any, state: Any, loaded: Any, prompts: list[dict
             except (OSError, ValueError) as e:
                 raise ConfigError(f"cannot load --model {config.model}: {' '.join(str(e).split())} Fix: pass a "
                                   "model directory or a hub id (offline: one already in the cache).") from e
-            encoded = {p["id"]: ids for p, ids in encode_all(tokenizer, todo, config.model, loaded)}
+            encoded = {p["id"]: ids for p, ids in encode_all(tokenizer, todo, config.model, loaded,
+                                                             config.chat_template_kwargs)}
             too_long = [(p, len(encoded[p["id"]])) for p in todo
                         if context and len(encoded[p["id"]]) > context - config.max_new_tokens]
             todo, skipped = drop_too_long(too_long, todo, config, context, loaded)

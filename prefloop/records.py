@@ -1,8 +1,10 @@
 """Record types (docs/architecture.md "Records") and the prompt loader that validates input before any work starts.
 
 A prompt is either a plain string (raw text, completion style) or a list of messages (chat template), as in TRL
-and vLLM; the style carries through to the pairs. Every other column of a prompt row (e.g. `answer`) is kept and
-passed to judges as keyword lists.
+and vLLM; the style carries through to the pairs. A message list may be a whole conversation (user, assistant,
+user, ...): generation continues it with the next assistant turn. Every other column of a prompt row (e.g.
+`answer`) is kept and passed to judges as keyword lists; a `tools` column (TRL's name) also reaches the chat
+template, for that row only.
 """
 
 from __future__ import annotations
@@ -39,10 +41,40 @@ class LoadedPrompts:
     locations: dict[str, str] = field(default_factory=dict)  # id -> "file:line" (or "file:item N"), for messages
 
 
-def prompt_id(prompt: Prompt) -> str:
+def prompt_id(prompt: Prompt | dict[str, Any]) -> str:
     """Content id: `sha256(canonical JSON of the prompt)[:16]` (docs/architecture.md "Records"), stable across runs and machines."""
     canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def chat_template_kwargs(record: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The extra chat-template arguments a prompt record is rendered with: `base` (the generate stage's
+    `chat_template_kwargs`), its `tools` replaced by the row's own `tools` when the row has the column. Empty tools
+    are left out, as TRL does (some templates write tool boilerplate for `tools=[]`)."""
+    out = dict(base or {})
+    if record.get("tools") is not None:
+        out["tools"] = record["tools"]
+    if not out.get("tools"):
+        out.pop("tools", None)
+    return out
+
+
+def check_tools(tools: Any, where: str) -> list[dict[str, Any]]:
+    """`tools` as a list of tool objects (JSON schemas, e.g. {"type": "function", "function": {"name": ...}}), the
+    form `apply_chat_template(tools=...)`, vLLM and TRL take; a JSON string holding that list (how csv and TRL
+    datasets often store it) is parsed. Raises `InputError` naming `where` otherwise."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            tools = None  # reported below, with the expected shape
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InputError(
+            f"{where}: `tools` must be a list of tool objects (JSON schemas such as "
+            '{"type": "function", "function": {"name": "...", "parameters": {...}}}), or that list as a JSON string. '
+            "Fix: write the row's tools in that form, or drop the column."
+        )
+    return tools
 
 
 def _check_prompt(prompt: Any, where: str, field_name: str) -> None:
@@ -132,7 +164,17 @@ def load_prompts(
         _check_prompt(prompt, where, prompt_field)
         if chat and isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        if row.get("tools") is not None:
+            row = {**row, "tools": check_tools(row["tools"], where)}
+            if row["tools"] and isinstance(prompt, str):
+                raise InputError(
+                    f"{where}: the row has `tools`, but its `{prompt_field}` is plain text, which no chat template "
+                    f"renders. Fix: give `{prompt_field}` as messages, or pass --chat."
+                )
+        # A prompt's identity: its messages, and its tools when it has any (the same conversation offered other
+        # tools is another prompt). Without tools it is the prompt alone, so ids stay what they always were.
+        identity = {"prompt": prompt, "tools": row["tools"]} if row.get("tools") else prompt
+        canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False)
         try:
             json.dumps(row, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as e:
@@ -146,7 +188,7 @@ def load_prompts(
                 f"{where}: `{id_field}` must be a string or a number, got {type(rid).__name__} ({json.dumps(rid)[:60]}). "
                 f"Fix: give each row a string id, or drop the `{id_field}` column to derive ids from content."
             )
-        rid = prompt_id(prompt) if rid in (None, "") else str(rid)
+        rid = prompt_id(identity) if rid in (None, "") else str(rid)
         if rid in by_id:
             if by_id[rid][0] != canonical:
                 raise InputError(

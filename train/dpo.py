@@ -46,7 +46,7 @@ from prefloop.lock import output_lock
 from prefloop.runstate import StageRun
 from prefloop.store import atomic_dir, atomic_write_json
 from prefloop.train.distributed import decide_on_main, gathered_state_dict, is_replica, quiet_replicas, world
-from prefloop.train.methods import DEFAULT_BETA, METHODS, method, rows_word
+from prefloop.train.methods import DEFAULT_BETA, METHODS, check_template_columns, method, rows_word
 from prefloop.train.outputs import complete, last_complete_checkpoint, merge
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ def load_pairs(path: str | Path, method_name: str = "dpo"):
                           f"{', '.join(accepts[0])}{also}.")
     if len(dataset) == 0:
         raise ConfigError(f"{path}: no pairs to train on. Fix: check the pairs stage's drop counts.")
+    check_template_columns(dataset, path, method_name)
     return dataset
 
 

@@ -15,6 +15,11 @@ default β of 0.1 with γ 0.5 asks for a margin the scaled rewards can hardly re
 
 Every method is trained with LoRA by default and keeps the train stage's contract (checkpoints, resume, summary,
 drift refusal, merge); the losses are TRL's, never rewritten here.
+
+A pairs file's `tools` and `chat_template_kwargs` columns (what generate rendered the prompts with) stay beside the
+rows: dpo, kto and sft pass both to the chat template, as TRL's trainers do. orpo and simpo (TRL's experimental
+trainers) read `chat_template_kwargs` but not `tools`, so a file with tools is refused for them rather than trained
+on prompts rendered without them.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from prefloop.config import ConfigError
+
 METHODS = ("dpo", "orpo", "kto", "simpo", "sft")
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0, "sft": 0.1}
 PAIRED = ("prompt", "chosen", "rejected")
 UNPAIRED = ("prompt", "completion", "label")  # TRL's unpaired preference format (KTO)
 COMPLETIONS = ("prompt", "completion")  # TRL's prompt-completion format (SFT)
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # per-row chat-template arguments, as TRL's trainers read them
 
 
 @dataclass(frozen=True)
@@ -94,19 +102,20 @@ class Method:
         unpairing puts every chosen answer before every rejected one, so batches would hold one label only: the rows
         are shuffled here, seeded by `seed`, so each batch mixes desirable and undesirable answers."""
         columns = set(dataset.column_names)
+        template = [c for c in TEMPLATE_COLUMNS if c in columns]
         if self.name == "kto":
             if set(PAIRED) <= columns:
                 from trl.data_utils import unpair_preference_dataset
 
-                dataset = unpair_preference_dataset(dataset.select_columns(list(PAIRED)))
-            return dataset.select_columns(list(UNPAIRED)).shuffle(seed=seed).flatten_indices()
+                dataset = unpair_preference_dataset(dataset.select_columns([*PAIRED, *template]))
+            return dataset.select_columns([*UNPAIRED, *template]).shuffle(seed=seed).flatten_indices()
         if self.name == "sft" and set(PAIRED) <= columns:
-            return dataset.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+            return dataset.select_columns(["prompt", "chosen", *template]).rename_column("chosen", "completion")
         for wanted in self.accepts:
             if set(wanted) <= columns:
                 # Extra columns (id, scores, meta) mean nothing to a trainer, and some trainers' collators choke on
                 # nested ones; DPO drops them itself.
-                return dataset.select_columns(list(wanted))
+                return dataset.select_columns([*wanted, *template])
         raise AssertionError(f"{self.name}: columns {sorted(columns)} were checked on load")
 
 
@@ -121,6 +130,19 @@ _METHODS = {
 
 def method(name: str) -> Method:
     return _METHODS[name]
+
+
+def check_template_columns(dataset, path: Any, name: str) -> None:
+    """Refuse a pairs file whose chat-template columns the trainer would get wrong, before any model loads."""
+    if "tools" in dataset.column_names and name in ("orpo", "simpo"):
+        raise ConfigError(f"{path}: the pairs carry `tools`, which TRL's {name} trainer does not pass to the chat "
+                          "template, so it would train on prompts rendered without them. Fix: train with --method "
+                          "dpo, kto or sft.")
+    if "chat_template_kwargs" in dataset.column_names and None in dataset["chat_template_kwargs"]:
+        row = dataset["chat_template_kwargs"].index(None) + 1
+        raise ConfigError(f"{path}: row {row} has no `chat_template_kwargs`, which other rows have (TRL renders "
+                          "every row with its own). Fix: train on pairs generated with one chat_template_kwargs "
+                          "setting.")
 
 
 def rows_word(name: str) -> str:
