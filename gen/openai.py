@@ -35,6 +35,8 @@ Failure semantics:
   seeds; extra choices are dropped. Greedy (temperature 0) asks for one completion and copies it `n` times.
 - `num_tokens` is exact when the reply says (the count of token logprobs, or `usage.completion_tokens` of a
   single-choice reply), else None.
+- `usage` counts every reply's tokens (prefloop/budget.py). With a `budget`, no request starts once the spend passes
+  it: those in flight finish (paid for), the call raises `GenerationAborted` with the finished prompts.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from urllib.parse import urlsplit
 
 import openai
 
+from prefloop.budget import Usage
 from prefloop.gen import GenerationAborted, Sampling, merge_alternatives, prompt_template_kwargs
 from prefloop.records import Completion, Prompt
 
@@ -77,6 +80,10 @@ class _Fatal(Exception):
 
 class _Failed(Exception):
     """One prompt failed for good; the message says why."""
+
+
+class _Halted(Exception):
+    """The budget is spent: this request is not sent (not a failure of the prompt)."""
 
 
 class OpenAIGenerator:
@@ -114,6 +121,8 @@ class OpenAIGenerator:
         self._max_param = "max_tokens"
         self.requests = 0  # HTTP requests sent for generation (retries and top-ups included)
         self.tokens_generated = 0  # completion tokens in all replies (usage totals, so exact even when n > 1)
+        self.usage = Usage(model)  # prompt and completion tokens of every reply, priced by the base model's name
+        self.budget = None  # set by a stage: an object whose `exceeded()` gives a reason to stop sending, or None
         # max_retries=0: the SDK's own retries would hide the Retry-After/quota handling below and multiply waits.
         self._http = openai.DefaultAsyncHttpxClient(timeout=timeout)  # also ours for /models, /health, LoRA
         self._client = openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout,
@@ -223,6 +232,7 @@ class OpenAIGenerator:
         self._top_ups = 0
         self._slots = asyncio.Semaphore(self.concurrency)
         self._fatal: str | None = None  # set by the first fatal error: no request starts after it
+        self._halt: str | None = None  # set when the budget is spent: no request starts after it, those in flight finish
         started, requests_before = time.monotonic(), self.requests
 
         async def one(i: int) -> None:
@@ -245,6 +255,9 @@ class OpenAIGenerator:
             (log.warning if unfinished else log.info)(
                 "openai: %d prompts, %d unfinished; %d requests, %d top-ups, retries: %s; %.1f s", len(prompts),
                 unfinished, self.requests - requests_before, self._top_ups, retries, time.monotonic() - started)
+        if self._halt:
+            log.warning("openai: stopped sending: %s", self._halt)
+            raise GenerationAborted(self._halt, results)
         done = [cs for cs in results if cs]
         if n > 1 and sampling.temperature > 0 and done and all(len({c["text"] for c in cs}) == 1 for cs in done):
             log.warning("openai: all %d completions of every prompt are identical: the server seems to decode "
@@ -274,6 +287,8 @@ class OpenAIGenerator:
         except _Failed as e:
             log.warning("openai: prompt %d failed: %s", i, e)
             return None
+        except _Halted:
+            return None
         return got if want == n else [dict(got[0]) for _ in range(n)]
 
     async def _request(self, i: int, prompt: Prompt, k: int, sampling: Sampling, seed: int) -> list[Completion]:
@@ -284,6 +299,10 @@ class OpenAIGenerator:
                 async with self._slots:  # held only while a request is in flight, not while backing off
                     if self._fatal:
                         raise _Fatal(self._fatal)
+                    if self.budget is not None and not self._halt:
+                        self._halt = self.budget.exceeded()
+                    if self._halt:
+                        raise _Halted
                     self.requests += 1
                     async with asyncio.timeout(self.timeout):  # the whole request, even if bytes trickle in
                         return await self._call(prompt, k, sampling, seed, self._template_kwargs[i])
@@ -350,12 +369,13 @@ class OpenAIGenerator:
         except (AttributeError, KeyError, TypeError, ValueError) as e:  # a body that is not a completion
             raise ValueError(f"malformed reply: {type(e).__name__}: {e}") from None
         self.tokens_generated += tokens
+        self.usage.add(getattr(reply, "usage", None), completions, prompt, sampling.max_new_tokens)
         return completions
 
     def _classify(self, e: Exception) -> tuple[str, str, float | None]:
         """(action, reason, Retry-After seconds) for a failed request: action is retry, fail or again (at once);
         raises `_Fatal` for errors that no retry or other prompt can get past."""
-        if isinstance(e, _Fatal):
+        if isinstance(e, (_Fatal, _Halted)):
             raise e
         if isinstance(e, (TimeoutError, openai.APITimeoutError)):
             return "retry", f"timeout: no reply within {self.timeout:g} s", None

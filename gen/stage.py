@@ -4,6 +4,7 @@
     prefloop generate --model M ... --backend vllm --engine-kwargs '{max_model_len: 4096}'
     prefloop generate --model M ... --backend openai --base-url http://127.0.0.1:8000/v1 --concurrency 32
     prefloop generate --model M ... --chat-template-kwargs '{enable_thinking: false, tools: [...]}'
+    prefloop generate --model M ... --backend openai --prices prices.yaml --max-budget-usd 5 [--dry-run]
 
 A prompt may be one request or a whole conversation (messages ending with a user or tool turn): generation
 continues it with the next assistant turn, rendered by the chat template with `chat_template_kwargs` and the row's
@@ -17,7 +18,9 @@ prompts (one backend call each); each chunk's records are written and fsynced be
 crash loses at most the chunk in flight. Re-running the same command resumes: ids already on disk are skipped and
 their records kept byte-for-byte. A prompt the backend reports as failed is not written (so a re-run retries it)
 and is counted; more than `max_failed_fraction` failed stops the stage. A fatal backend error (`GenerationAborted`,
-e.g. an exhausted API quota) writes the prompts that finished in its chunk, then stops the stage.
+e.g. an exhausted API quota) writes the prompts that finished in its chunk, then stops the stage. The openai
+backend's token usage is in the summary (`usage`, priced with `prices`); `max_budget_usd` stops the stage the same
+way, before a chunk that could pass it or once the spend has (prefloop/budget.py); a higher budget resumes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from prefloop.budget import Meter, check_budget
 from prefloop.config import ConfigError, field
 from prefloop.gen import BACKENDS, GenerationAborted, Sampling, encode_prompt, load_generator, resolve_backend
 from prefloop.lock import exclusive
@@ -110,6 +115,18 @@ class GenerateConfig:
         "summary as `skipped_too_long`, instead of stopping before any work (hf and vllm backends)."
     )
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
+    # API spend (prefloop/budget.py). Not hashed: a budget or a price does not change what a record means.
+    prices: Any = field(None, help="openai: USD per million tokens per model, to price the usage in the summary: "
+                        "a YAML/JSON file or inline, e.g. '{MODEL: {input_per_mtok: 0.15, output_per_mtok: 0.6}}'. "
+                        "prefloop has no built-in prices.", hash=False)
+    max_budget_usd: float | None = field(
+        None, help="openai: stop the stage cleanly (exit 2, everything finished kept) before a chunk that could "
+        "take the spend on this output past this many USD, or once it has; raise it and re-run to resume. Needs "
+        "--prices for the model.", hash=False)
+    spent_before_usd: float = field(0.0, help="(set by the loop) what the run's other stages spent, counted "
+                                    "against max_budget_usd.", hash=False, cli=False)
+    dry_run: bool = field(False, help="Print the requests, tokens and (with --prices) cost this run would take, "
+                          "then exit without sending or writing anything.", hash=False)
     # Engine (prefloop/ray_engine.py, docs/scaling.md). Not hashed: where the work runs does not change what a
     # record means, so a run started locally may be resumed on Ray and back.
     engine: str = field("local", help="Where to run: local (this process), ray (Ray Data actors running this "
@@ -143,6 +160,10 @@ class GenerateConfig:
         check_engine(self, ("local", *RAY_ENGINES))
         if self.engine == "ray-llm":
             check_ray_llm(self)
+        check_budget(self.max_budget_usd, self.prices, [self.model], self.backend == "openai", "generate")
+        if self.max_budget_usd is not None and self.engine != "local":
+            raise ConfigError("max_budget_usd needs engine local: Ray workers' requests are not metered here. "
+                              "Fix: drop --max-budget-usd, or use --engine local.")
 
     @property
     def sampling(self) -> Sampling:
@@ -192,9 +213,18 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
+def run(config: GenerateConfig) -> Path | str:
+    """Generate `config.n` completions per prompt into `config.out`; return its path. See module docstring.
+    With `dry_run`, return the estimate (gen/cost.py) instead: nothing is sent, written or locked."""
+    if config.dry_run:
+        from prefloop.gen.cost import dry_run
+
+        return dry_run(config)
+    return _run(config)
+
+
 @exclusive
-def run(config: GenerateConfig) -> Path:
-    """Generate `config.n` completions per prompt into `config.out`; return its path. See module docstring."""
+def _run(config: GenerateConfig) -> Path:
     out = Path(config.out)
     loaded = load_prompts(config.prompts, config.prompt_field, config.id_field, config.chat)
     prompts = loaded.records
@@ -222,7 +252,11 @@ def run(config: GenerateConfig) -> Path:
 
 def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, prompts: list[dict]) -> Path:
     out = state.out
-    with JsonlStore(out) as store:
+    meter = Meter("generate", out, config.prices, config.max_budget_usd, config.spent_before_usd,
+                  state.summary().get("usage"))
+    with JsonlStore(out) as store, meter.enforce(lambda: finish(
+            state, loaded, progress, len(prompts), len(failed_ids), len(skipped), resumed, status="budget_exceeded",
+            engine="local", **meter.summary())):
         todo = [p for p in prompts if p["id"] not in store.done]
         resumed = len(prompts) - len(todo)
         if resumed:
@@ -249,11 +283,18 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
                         + f": {' '.join(str(e).split())} Fix: pass a model directory or a hub id (offline: one "
                         "already in the cache)."
                     ) from e
+                meter.watch(generator)
                 too_long = _too_long(generator, todo, config.max_new_tokens, loaded, config.chat_template_kwargs)
                 todo, skipped = drop_too_long(too_long, todo, config, getattr(generator, "max_context", None), loaded)
             progress = Progress(len(prompts) - len(skipped), "generate", initial=resumed)
+            costs = None
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
+                if config.max_budget_usd is not None:
+                    from prefloop.gen.cost import PromptCosts
+
+                    costs = costs or PromptCosts(config)
+                    meter.before_chunk(costs.worst(chunk), len(chunk))
                 sampling = config.sampling
                 sampling.seeds = [prompt_seed(config.seed, p["id"]) for p in chunk]  # a prompt's samples: its own
                 sampling.chat_template_kwargs = [chat_template_kwargs(p, config.chat_template_kwargs) for p in chunk]
@@ -264,9 +305,10 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
                 except GenerationAborted as e:  # keep what finished, then fail the stage
                     aborted, results = e, e.partial
                 tokens, unknown = 0, False
+                halted = aborted is not None and meter.over()  # the prompts not sent for the budget did not fail
                 for prompt, completions in zip(chunk, results, strict=True):
                     if completions is None:
-                        failed_ids.append(prompt["id"])
+                        failed_ids += [] if halted else [prompt["id"]]
                         continue
                     tokens += sum(c["num_tokens"] or 0 for c in completions)
                     unknown |= any(c["num_tokens"] is None for c in completions)
@@ -275,9 +317,13 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
                     # openai with n > 1: a reply's usage counts all its choices together, not each one
                     tokens = generator.tokens_generated - decoded_before
                 store.commit()
-                n_failed = sum(r is None for r in results)
-                progress.update(done=len(chunk) - n_failed, failed=n_failed, tokens=tokens)
+                n_done = sum(r is not None for r in results)
+                n_failed = 0 if halted else len(chunk) - n_done
+                progress.update(done=n_done, failed=n_failed, tokens=tokens)
+                if meter.active:  # the spend so far, in case this process dies: a resumed run counts on from it
+                    state.finish("running", **meter.summary())
                 if aborted is not None:
+                    meter.check()  # the budget halted the generator: stop as the budget, not as a failure
                     raise GenerationAborted(
                         f"generate stopped: {aborted}. The {len(store.done)} prompts finished so far are kept in "
                         f"{out}; re-run the same command to resume.",
@@ -290,7 +336,8 @@ def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, pr
             if generator is not None:
                 generator.close()
 
-    finish(state, loaded, progress, len(prompts), len(failed_ids), len(skipped), resumed, engine="local")
+    finish(state, loaded, progress, len(prompts), len(failed_ids), len(skipped), resumed, engine="local",
+           **meter.summary())
     return out
 
 
@@ -357,18 +404,20 @@ def check_failed_ceiling(failed: int, total: int, config: GenerateConfig, out: P
 
 
 def finish(state: StageRun, loaded: LoadedPrompts, progress: Progress, total: int, failed: int, skipped: int,
-           resumed: int, **engine) -> None:
-    """The stage summary every engine writes (`engine` names where it ran); failed prompts are warned about."""
+           resumed: int, status: str | None = None, **engine) -> None:
+    """The stage summary every engine writes (`engine` names where it ran, and its API `usage`); failed prompts
+    are warned about."""
     state.finish(
-        "done" if not failed else "incomplete",
+        status or ("done" if not failed else "incomplete"),
         prompts=total,
-        written=total - failed - skipped,
+        # A stop (status given: the budget) leaves prompts unsent: what is on disk is what progress counted done.
+        written=total - failed - skipped if status is None else (progress.done if progress else resumed),
         resumed=resumed,
         failed=failed,
         skipped_too_long=skipped,
         duplicates_dropped=loaded.duplicates,
-        tokens=progress.tokens,
-        tokens_per_s=round(progress.tokens_per_s, 1),
+        tokens=progress.tokens if progress else 0,
+        tokens_per_s=round(progress.tokens_per_s, 1) if progress else 0.0,
         **engine,
     )
     if failed:

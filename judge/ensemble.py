@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 COMBINES = ("mean", "vote")
 # How a judge runs, not what it answers: a member inherits these from the ensemble unless it sets its own.
 INHERITED = ("cache", "dtype", "batch_size", "chunk_size", "max_failed_fraction", "engine", "ray_address",
-             "ray_actors", "ray_num_cpus", "ray_num_gpus", "ray_batch_size")
+             "ray_actors", "ray_num_cpus", "ray_num_gpus", "ray_batch_size", "prices")
 MEMBERS_HELP = ("e.g. --members members.yaml, with one judge config per list item: "
                 "[{judge: python, reward_fn: r.py:f}, {judge: reward_model, reward_model: PATH}]")
 

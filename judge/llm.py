@@ -36,7 +36,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from prefloop.gen import Sampling, encode_prompt
+from prefloop.gen import GenerationAborted, Sampling, encode_prompt
 from prefloop.judge import Verdict
 from prefloop.judge.cache import JudgeCache
 from prefloop.judge.templates import Template, messages, parse, render, verdict_probabilities
@@ -209,11 +209,17 @@ def complete(generator, inputs: list[Any], sampling: Sampling, cache: JudgeCache
     out: list[dict[str, Any] | None] = [cache.get(k) if cache else None for k in keys]
     missing = [i for i, c in enumerate(out) if c is None]
     if missing:
-        results = generator.generate([inputs[i] for i in missing], n=1, sampling=sampling)
+        aborted = None
+        try:
+            results = generator.generate([inputs[i] for i in missing], n=1, sampling=sampling)
+        except GenerationAborted as e:  # a quota or budget stop: cache the answers already paid for, then stop
+            aborted, results = e, e.partial
         for i, result in zip(missing, results, strict=True):
             out[i] = result[0] if result else None
             if out[i] is not None and cache is not None and keep(out[i]):
                 cache.put(keys[i], out[i])
         if cache is not None:
             cache.flush()
+        if aborted is not None:
+            raise aborted
     return out, len(missing)

@@ -65,6 +65,11 @@ class PairsConfig:
     max_length_ratio: float | None = field(
         None, help="Length control: drop pairs whose chosen answer is more than this many times as long as the "
         "rejected one (in characters).")
+    dedup_chosen: float | None = field(
+        None, help="Drop a pair whose chosen answer repeats the chosen answer of an earlier prompt's pair: equal "
+        "after normalization, or word 3-gram Jaccard >= this (e.g. 0.9; prefloop/hygiene.py). One answer taught "
+        "for many prompts is a template, not a preference. Exact repeats are counted either way "
+        "(`repeated_chosen`).")
     seed: int = field(0, help="Seed for tie-breaking and best_random.")
     round: int = field(0, help="Loop round recorded in each pair's meta.")
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
@@ -278,6 +283,7 @@ def run(config: PairsConfig) -> Path:
         return out
     drops: Counter[str] = Counter()
     lines, prompts, chosen_len, rejected_len, longer = [], 0, 0, 0, 0
+    selected: list[tuple[str, str, str, str]] = []  # (prompt id, chosen text, rejected text, output line)
     for judgment in judgments:
         prompts += 1
         if (judgment.get("ensemble") or {}).get("drop"):  # judge/ensemble.py: members disagree, drop_disagreements
@@ -306,15 +312,19 @@ def run(config: PairsConfig) -> Path:
             }
             if judgment.get("comparisons") is not None:
                 meta["p_chosen"] = chosen[1]
-            lines.append(dumps(to_trl(judgment, chosen, rejected, pair_id, meta)))
-            chosen_len += len(chosen[2])
-            rejected_len += len(rejected[2])
-            longer += len(chosen[2]) > len(rejected[2])
+            selected.append((judgment["id"], chosen[2], rejected[2],
+                             dumps(to_trl(judgment, chosen, rejected, pair_id, meta))))
+    selected, repeated = _repeated_chosen(selected, config.dedup_chosen, drops)
+    for _, chosen_text, rejected_text, line in selected:
+        lines.append(line)
+        chosen_len += len(chosen_text)
+        rejected_len += len(rejected_text)
+        longer += len(chosen_text) > len(rejected_text)
     n = max(len(lines), 1)
     drops = +drops  # without zero counts
     counts = dict(prompts=prompts, pairs=len(lines), drops=dict(sorted(drops.items())),
                   mean_chosen_chars=round(chosen_len / n, 2), mean_rejected_chars=round(rejected_len / n, 2),
-                  chosen_longer_share=round(longer / n, 4))
+                  chosen_longer_share=round(longer / n, 4), repeated_chosen=repeated)
     if len(lines) >= 20 and longer / n >= LENGTH_BIAS_SHARE:
         log.warning("pairs: the chosen answer is the longer one in %d of %d pairs (mean %.0f vs %.0f chars): training "
                     "will make answers longer. Fix, if length is not what the judge should reward: --shortest-within "
@@ -325,6 +335,28 @@ def run(config: PairsConfig) -> Path:
     atomic_write(out, "".join(lines))
     state.finish("done", **counts)
     return out
+
+
+def _repeated_chosen(selected: list[tuple[str, str, str, str]], threshold: float | None,
+                     drops: Counter) -> tuple[list[tuple[str, str, str, str]], int]:
+    """(the pairs kept, how many chosen answers repeat an earlier prompt's exactly). With `threshold`, a pair whose
+    chosen answer repeats (exactly, or near: `hygiene.near_duplicates`) one chosen for another prompt is dropped
+    (`repeated_chosen` in drops); the same answer chosen in several pairs of one prompt (all_above_margin) is not a repeat."""
+    from prefloop.hygiene import prompt_text
+
+    first: dict[str, str] = {}
+    exact = 0
+    for prompt_id, chosen, _, _ in selected:
+        text = prompt_text(chosen)
+        exact += first.setdefault(text, prompt_id) != prompt_id
+    if threshold is None:
+        return selected, exact
+    from prefloop.hygiene import near_duplicates
+
+    repeats = near_duplicates([chosen for _, chosen, _, _ in selected], threshold)
+    kept = [pair for i, pair in enumerate(selected) if i not in repeats or selected[repeats[i][0]][0] == pair[0]]
+    drops["repeated_chosen"] += len(selected) - len(kept)
+    return kept, exact
 
 
 def no_pairs_message(judgments: str | Path, prompts: int, drops: Counter) -> str:

@@ -8,7 +8,9 @@
         [--drop-disagreements]                       # several judges in turn, combined (judge/ensemble.py)
 
 The summary beside the output (`j.summary.json`) carries the judge's statistics (`judge/stats.py`): agreement
-between orders, first-position win rate, tie, parse-error and refusal rates.
+between orders, first-position win rate, tie, parse-error and refusal rates; with an openai judge backend, its API
+`usage` (priced with `--prices`). `--max-budget-usd` stops the stage cleanly (prefloop/budget.py) and `--dry-run`
+prints the estimate (judge/cost.py).
 
 Failure semantics: the candidates file is validated whole before the judge loads. Rows are judged in chunks and
 each chunk is fsynced before the next; a re-run resumes by id and keeps existing records byte-for-byte. Per
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefloop.budget import Meter, check_budget
 from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict
 from prefloop.errors import StageFailed
 from prefloop.gen import BACKENDS as GEN_BACKENDS
@@ -108,6 +111,18 @@ class JudgeConfig:
     cache: str = field("auto", help="Judge cache directory for model judges: auto (~/.cache/prefloop/judge or "
                        "$PREFLOOP_CACHE_DIR), off, or a path.", hash=False)
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
+    # API spend (prefloop/budget.py). Not hashed: a budget or a price does not change what a record means.
+    prices: Any = field(None, help="llm/constitutional on openai: USD per million tokens per model, to price the "
+                        "usage in the summary: a YAML/JSON file or inline, e.g. '{MODEL: {input_per_mtok: 0.15, "
+                        "output_per_mtok: 0.6}}'. prefloop has no built-in prices.", hash=False)
+    max_budget_usd: float | None = field(
+        None, help="llm/constitutional on openai: stop the stage cleanly (exit 2, everything finished kept) before "
+        "a chunk that could take the spend on this output past this many USD, or once it has; raise it and re-run "
+        "to resume. Needs --prices for the judge model.", hash=False)
+    spent_before_usd: float = field(0.0, help="(set by the loop) what the run's other stages spent, counted "
+                                    "against max_budget_usd.", hash=False, cli=False)
+    dry_run: bool = field(False, help="llm: print the requests, tokens and (with --prices) cost this run would "
+                          "take, then exit without sending or writing anything.", hash=False)
     # Engine (prefloop/ray_engine.py, docs/scaling.md); `judge_engine` above is the backend's options, not this.
     # Not hashed: where the work runs does not change what a record means (resume on either engine).
     engine: str = field("local", help="Where to run: local (this process) or ray (Ray Data actors; needs "
@@ -122,6 +137,9 @@ class JudgeConfig:
 
     def __post_init__(self) -> None:
         check_engine(self)
+        if self.max_budget_usd is not None and (self.judge == "ensemble" or self.engine != "local"):
+            raise ConfigError("max_budget_usd needs one judge on engine local (an ensemble's members and Ray "
+                              "workers meter their own requests). Fix: set max_budget_usd on the members, or drop it.")
         if self.judge == "ensemble":
             from prefloop.judge.ensemble import check
 
@@ -159,6 +177,15 @@ class JudgeConfig:
                 raise ConfigError("cot_clamp must be two probabilities around 0.5, e.g. [0.4, 0.6].")
             if self.verifier and self.judge == "constitutional":
                 self.verifier_config()  # fails now on a bad verifier, not after the revisions
+        models = self.api_models()
+        check_budget(self.max_budget_usd, self.prices, models, bool(models), "judge")
+
+    def api_models(self) -> list[str]:
+        """The models this judge sends API requests to (its own, its verifier's): what a budget needs prices for."""
+        if self.judge not in ("llm", "constitutional") or self.judge_backend != "openai":
+            return []
+        verifier = self.verifier_config().api_models() if self.verifier and self.judge == "constitutional" else []
+        return [str(self.judge_model), *verifier]
 
     def verifier_config(self) -> JudgeConfig:
         values = {"candidates": self.candidates, "out": self.out, "cache": self.cache, "dtype": self.dtype,
@@ -243,9 +270,18 @@ def load_candidates(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def run(config: JudgeConfig) -> Path | str:
+    """Judge every candidates record into `config.out`; return its path. See module docstring. With `dry_run`,
+    return the estimate (judge/cost.py) instead: nothing is sent, written or locked."""
+    if config.dry_run:
+        from prefloop.judge.cost import dry_run
+
+        return dry_run(config, load_candidates(config.candidates))
+    return _run(config)
+
+
 @exclusive
-def run(config: JudgeConfig) -> Path:
-    """Judge every candidates record into `config.out`; return its path. See module docstring."""
+def _run(config: JudgeConfig) -> Path:
     if config.judge == "ensemble":
         from prefloop.judge.ensemble import run as run_ensemble
 
@@ -265,9 +301,13 @@ def run(config: JudgeConfig) -> Path:
         judge_.close()  # loaded only to fail early on a bad --reward-fn; the actors load their own
         judge_ = None
     # The executor turns pending rows into (row, verdict, judge) batches; this driver alone writes and counts.
-    executor = RayJudges(config) if config.engine == "ray" else LocalJudges(config, judge_)
+    meter = Meter("judge", out, config.prices, config.max_budget_usd, config.spent_before_usd,
+                  state.summary().get("usage"))
+    executor = RayJudges(config) if config.engine == "ray" else LocalJudges(config, judge_, meter)
     tally = Tally(config.max_failed_fraction)
-    with JsonlStore(out) as store:
+    with JsonlStore(out) as store, meter.enforce(lambda: state.finish(
+            "budget_exceeded", prompts=len(rows), judged=len(store.done) - (len(rows) - len(todo)),
+            **executor.summary(), **meter.summary())):
         todo = [r for r in rows if r["id"] not in store.done]
         progress = Progress(len(rows), "judge", initial=len(rows) - len(todo))
         try:
@@ -277,7 +317,7 @@ def run(config: JudgeConfig) -> Path:
                 if failure:  # the batch that crosses the ceiling is not written: a fixed re-run judges it again
                     if store.done or not state.forget_if_empty():
                         state.finish("failed", prompts=len(rows), judged=tally.rows - len(records), error=failure,
-                                     **executor.summary())
+                                     **executor.summary(), **meter.summary())
                     raise StageFailed(f"judge: {failure} Rows judged before are kept in {out}. Fix: remove the "
                                       "first error's cause (or raise --max-failed-fraction to keep failures on "
                                       "record), then re-run the same command to resume.")
@@ -285,13 +325,15 @@ def run(config: JudgeConfig) -> Path:
                     store.append(record)
                 store.commit()
                 progress.update(done=len(records) - tally.last_failed, failed=tally.last_failed)
+                if meter.active:  # the spend so far, in case this process dies: a resumed run counts on from it
+                    state.finish("running", **meter.summary())
         finally:
             progress.close()
             executor.close()
 
     stats = judge_stats((row for _, row in iter_records(out)), first_label=_first_label(config))
     state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(tally.statuses),
-                 stats=stats, failed_units=tally.failed, **executor.summary())
+                 stats=stats, failed_units=tally.failed, **executor.summary(), **meter.summary())
     failures = {f"{f}_rate": stats[f"{f}_rate"] for f in FAILURES if stats.get(f"{f}_rate")}
     if failures:
         log.warning("judge: %s (failures are kept as failures, never labels)", failures)
@@ -339,14 +381,26 @@ class Tally:
 class LocalJudges:
     """The local executor: this process's judge, one call per `chunk_size` rows."""
 
-    def __init__(self, config: JudgeConfig, judge: Judge | None) -> None:
-        self.config, self.judge = config, judge
+    def __init__(self, config: JudgeConfig, judge: Judge | None, meter: Meter | None = None) -> None:
+        self.config, self.judge, self.meter, self.costs = config, judge, meter, None
 
     def batches(self, todo: list[dict[str, Any]]) -> Iterator[list[tuple[dict[str, Any], dict[str, Any], Judge]]]:
         for start in range(0, len(todo), self.config.chunk_size):
             self.judge = self.judge or _load(self.config)
             chunk = todo[start : start + self.config.chunk_size]
+            if self.meter is not None:  # counts the judge's API requests; with a budget, checks the chunk first
+                self.meter.watch(self.judge)
+                if self.meter.limit is not None:
+                    self.meter.before_chunk(self._worst(chunk), len(chunk))
             yield list(zip(chunk, self.judge.judge(chunk), [self.judge] * len(chunk), strict=True))
+
+    def _worst(self, chunk: list[dict[str, Any]]) -> float:
+        from prefloop.judge.cost import JudgeCosts, estimable
+
+        if not estimable(self.config):
+            return 0.0  # a constitutional chain: checked per request only
+        self.costs = self.costs or JudgeCosts(self.config)
+        return self.costs.worst(chunk)
 
     def summary(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"engine": "local"}

@@ -2,6 +2,7 @@
 
     prefloop demo                                   # the whole loop on a tiny local model, no downloads
     prefloop generate --model M --prompts p.jsonl --out c.jsonl --n 8
+    prefloop generate ... --backend openai --prices prices.yaml --dry-run|--max-budget-usd 5   # API cost (judge too)
     prefloop judge --candidates c.jsonl --out j.jsonl --judge python --reward-fn rewards.py:fn
     prefloop pairs --judgments j.jsonl --out pairs.jsonl
     prefloop train --model M --pairs pairs.jsonl --out policy/
@@ -48,7 +49,7 @@ STAGES = {
     "export": ("prefloop.judge.export", "ExportConfig", "Export judgments or pairs (TRL kto/sft, ranked, "
                "LLaMA-Factory, axolotl), with a dataset card, to disk or the hub."),
     "judge-eval": ("prefloop.judge.evaluate", "JudgeEvalConfig", "Score a judge against trusted labels: accuracy, "
-                   "Cohen's kappa, ties, position and length bias, with 95% intervals."),
+                   "Cohen's kappa, ties, position and length bias, with 95%% intervals."),  # %%: argparse formats help
     "run": ("prefloop.loop", "LoopConfig", "The loop: rounds of generate -> judge -> pairs -> train -> eval."),
 }
 

@@ -17,3 +17,8 @@ class PrefloopError(Exception):
 class StageFailed(PrefloopError, RuntimeError):
     """A stage ran but what it made is not usable: everything (or more than the allowed share) failed, or nothing
     came out. Records written so far are kept; the message states the counts, the first error and the fix."""
+
+
+class BudgetExceeded(PrefloopError, RuntimeError):
+    """An API stage reached its `max_budget_usd` (prefloop/budget.py). Like an exhausted quota it stops the stage
+    cleanly: what finished is on disk, the spend is in the summary, and re-running with a higher budget resumes."""

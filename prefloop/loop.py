@@ -21,6 +21,10 @@ same command, skips the phases the manifest marks done and resumes the one in fl
 resume (generation and judging by id, training from its last complete checkpoint). A round's phase never reads
 another round's in-flight outputs, and round k+1 starts only after round k is done. Changing the loop config
 (except `rounds`, which may grow) is refused with the changed keys named.
+
+API spend (openai-backend stages, prefloop/budget.py) is in each phase's summary and the manifest's `api_usage`;
+`max_budget_usd` covers every stage of every round (a stage counts what the others spent, from their summaries) and
+a phase it stops is `budget_exceeded`, resumed by re-running with a higher budget.
 """
 
 from __future__ import annotations
@@ -29,15 +33,15 @@ import contextlib
 import hashlib
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefloop import __version__
+from prefloop.budget import check_budget, in_run, load_prices, spent_in, summarize, summary_files, usage_of
 from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict, to_dict
-from prefloop.errors import StageFailed
+from prefloop.errors import BudgetExceeded, StageFailed
 from prefloop.gen import resolve_backend
 from prefloop.gen.stage import GenerateConfig
 from prefloop.gen.stage import run as generate
@@ -46,6 +50,7 @@ from prefloop.judge.pairs import run as select_pairs
 from prefloop.judge.stage import JudgeConfig
 from prefloop.judge.stage import run as judge
 from prefloop.lock import exclusive
+from prefloop.pool import decontaminate_pool, dedup_pool, draw_round
 from prefloop.records import load_prompts
 from prefloop.runstate import StageRun, read_summary
 from prefloop.store import atomic_write, atomic_write_json, dumps, iter_records
@@ -78,6 +83,18 @@ class LoopConfig:
         {}, help="Training prompts matching an eval prompt are always removed from the pool (prefloop/hygiene.py); "
         "settings: {ngram_threshold: 0.5, near_threshold: 0.8, benchmarks: [FILE, ...]} (benchmark prompts are "
         "removed too).")
+    dedup: dict = field(
+        {}, help="Repeated prompts (prefloop/hygiene.py): {near_threshold: 0.9} removes pool prompts that repeat an "
+        "earlier one (equal after normalization, or word 3-gram Jaccard >= the threshold) before any round; off by "
+        "default, because prompts that differ in one number (a constraint's value) are different tasks. "
+        "{fresh_prompts: true}: a round draws only prompts no earlier round drew, until the pool runs out. Every "
+        "round's prompts phase counts the prompts an earlier round drew (`repeated_prompts`).")
+    prices: Any = field(None, help="USD per million tokens per model for stages on the openai backend (their "
+                        "usage is priced in the summaries, manifest and report): a YAML/JSON file or a mapping "
+                        "{MODEL: {input_per_mtok: USD, output_per_mtok: USD}}. No built-in prices.", hash=False)
+    max_budget_usd: float | None = field(
+        None, help="Stop the run cleanly once its openai-backend stages, over all rounds, could spend more than "
+        "this many USD (needs prices for their models); raise it and re-run to resume.", hash=False)
     train_launcher: dict = field(
         {}, hash=False,
         help="Run the train phase under `accelerate launch` (gen/judge stay here), e.g. {num_processes: 2, "
@@ -89,6 +106,12 @@ class LoopConfig:
         if unknown:
             raise ConfigError(f"decontaminate: unknown keys {sorted(unknown)}. Fix: use ngram_threshold, "
                               "near_threshold, benchmarks.")
+        unknown = set(self.dedup) - {"near_threshold", "fresh_prompts"}
+        if unknown:
+            raise ConfigError(f"dedup: unknown keys {sorted(unknown)}. Fix: use near_threshold, fresh_prompts.")
+        near = self.dedup.get("near_threshold")
+        if near is not None and not (isinstance(near, int | float) and 0 < near <= 1):
+            raise ConfigError(f"dedup.near_threshold = {near!r}. Fix: a Jaccard similarity in (0, 1], e.g. 0.9.")
         if self.init not in ("previous", "base"):
             raise ConfigError(f"init = {self.init!r}. Fix: use `previous` or `base`.")
         if self.data not in ("fresh", "accumulate"):
@@ -116,6 +139,10 @@ class LoopConfig:
             launch_config(self.train_launcher)
         self.stage_config("generate", 1, {**self.gen, **self.eval})
         evaluator = self.stage_config("judge", 1, self.eval_judge)
+        api = any(self._api(stage, values) for stage, values in (
+            ("generate", self.gen), ("generate", {**self.gen, **self.eval}), ("judge", self.judge),
+            ("judge", {**self.judge, **self.eval_judge})))
+        check_budget(self.max_budget_usd, self.prices, [], api, "loop")  # the stages check their models' prices
         if self.eval_prompts and evaluator.judge == "constitutional" and evaluator.mode == "revise":
             raise ConfigError(
                 "held-out eval cannot use a constitutional reviser (it rewrites answers, it does not score them). "
@@ -131,11 +158,11 @@ class LoopConfig:
                 settings = {**settings, "max_lora_rank": self.stage_config("train", k, {}).lora_r}
             values = {"model": self.model, "prompts": str(d / "prompts.jsonl"), "out": str(d / "candidates.jsonl"),
                       "round": k, "seed": self.seed + k, **settings, **paths}
-            return from_dict(GenerateConfig, values, f"loop config `gen`/`eval` (round {k})")
+            return from_dict(GenerateConfig, self._spend(stage, values), f"loop config `gen`/`eval` (round {k})")
         if stage == "judge":
             values = {"candidates": str(d / "candidates.jsonl"), "out": str(d / "judgments.jsonl"),
                       **self.judge, **settings, **paths}
-            return from_dict(JudgeConfig, values, f"loop config `judge` (round {k})")
+            return from_dict(JudgeConfig, self._spend(stage, values), f"loop config `judge` (round {k})")
         if stage == "pairs":
             values = {"judgments": str(d / "judgments.jsonl"), "out": str(d / "pairs.jsonl"), "round": k,
                       "seed": self.seed + k, **self.pairs, **settings, **paths}
@@ -147,6 +174,17 @@ class LoopConfig:
                       "reference": self.reference, "seed": self.seed + k, **self.train, **settings, **paths}
             return from_dict(TrainConfig, values, f"loop config `train` (round {k})")
         raise ValueError(stage)
+
+    @staticmethod
+    def _api(stage: str, values: dict[str, Any]) -> bool:
+        """Whether a generate or judge stage with these settings sends API requests (the openai backend)."""
+        if stage == "generate":
+            return values.get("backend") == "openai"
+        return values.get("judge") in ("llm", "constitutional") and values.get("judge_backend") == "openai"
+
+    def _spend(self, stage: str, values: dict[str, Any]) -> dict[str, Any]:
+        """An API stage's settings with the loop's prices and budget, and what the run's other stages spent."""
+        return in_run(values, self.prices, self.max_budget_usd, self.out) if self._api(stage, values) else values
 
 
 def _sha256(path: Path) -> str | None:
@@ -165,6 +203,7 @@ class Manifest:
     def __init__(self, config: LoopConfig):
         self.path = Path(config.out) / "manifest.json"
         self.root = Path(config.out)
+        self.prices, self.max_budget_usd = config.prices, config.max_budget_usd
         if self.path.exists():
             self.data = json.loads(self.path.read_text(encoding="utf-8"))
         else:
@@ -198,13 +237,12 @@ class Manifest:
 
     def save(self) -> None:
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        prices = load_prices(self.prices)
+        counts, spent = spent_in(summary_files(self.root), prices)
+        if counts:  # the whole run's API spend, phases in flight included: what max_budget_usd is checked against
+            self.data["api_usage"] = {**summarize(counts, prices), "spent_usd_max": round(spent, 8),
+                                      "max_budget_usd": self.max_budget_usd}
         atomic_write_json(self.path, self.data)
-
-
-def _draw_prompts(pool: list[dict[str, Any]], count: int | None, seed: int, k: int) -> list[dict[str, Any]]:
-    if count is None or count >= len(pool):
-        return pool
-    return random.Random(f"{seed}:round:{k}").sample(pool, count)
 
 
 def _mean_length(candidates: Path) -> float:
@@ -283,8 +321,9 @@ def _phase(manifest: Manifest, k: int, name: str, fn) -> None:
     try:
         output, summary = fn()
     except Exception as e:
-        manifest.data["rounds"][k]["phases"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        manifest.data["status"] = "failed"
+        status = "budget_exceeded" if isinstance(e, BudgetExceeded) else "failed"  # resumable with a higher budget
+        manifest.data["rounds"][k]["phases"][name] = {"status": status, "error": f"{type(e).__name__}: {e}"}
+        manifest.data["status"] = status
         manifest.save()
         raise
     manifest.done(k, name, started, output, summary)
@@ -311,17 +350,13 @@ def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: dict[str, 
         judge_cfg = config.stage_config("judge", k, _judge_settings(config, initial, {
             **config.eval_judge, "candidates": str(candidates), "out": str(round_dir / "eval_judgments.jsonl")}))
         if (judge_cfg.judge, judge_cfg.mode) in (("llm", "pairwise"), ("constitutional", "feedback")):
-            return _pairwise_eval(config, judge_cfg, k, candidates, round_dir)
-        judgments = judge(judge_cfg)
-        return judgments, _eval_summary(judgments)
+            judgments, summary = _pairwise_eval(config, judge_cfg, k, candidates, round_dir)
+        else:
+            judgments = judge(judge_cfg)
+            summary = _eval_summary(judgments)
+        return judgments, {**summary, **usage_of([candidates, judgments], config.prices)}
 
     _phase(manifest, k, "eval", phase)
-
-
-def _draw_phase(config: LoopConfig, pool: list[dict[str, Any]], k: int, d: Path):
-    chosen = _draw_prompts(pool, config.prompts_per_round, config.seed, k)
-    atomic_write(d / "prompts.jsonl", "".join(dumps(p) for p in chosen))
-    return d / "prompts.jsonl", {"prompts": len(chosen)}
 
 
 def _generate_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
@@ -387,7 +422,7 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
     """Run (or resume) round k, sampling from `policy` ({model, adapter}); return the policy it trains."""
     d = Path(config.out) / f"round_{k:03d}"
     manifest.round(k, policy)
-    _phase(manifest, k, "prompts", lambda: _draw_phase(config, pool, k, d))
+    _phase(manifest, k, "prompts", lambda: draw_round(config, pool, k, d))
     _phase(manifest, k, "generate", lambda: _generate_phase(config, k, policy))
     _phase(manifest, k, "judge", lambda: _judge_phase(config, k, policy))
     _phase(manifest, k, "pairs", lambda: _pairs_phase(config, k, d))
@@ -437,27 +472,12 @@ def run(config: LoopConfig) -> Path:
     root = Path(config.out)
     StageRun("loop", root, config, directory=True).begin()  # writes config.yaml; refuses a changed config
     pool = load_prompts(config.prompts).records  # validated whole before any model loads
-    pool, cleaned = _decontaminate(config, pool)
+    pool, repeated = dedup_pool(config, pool)
+    pool, cleaned = decontaminate_pool(config, pool)
+    if repeated:
+        cleaned = {**cleaned, "dedup": repeated}
     with engine_scope(config), _ray_scope(config):
         return _run_rounds(config, pool, cleaned)
-
-
-def _decontaminate(config: LoopConfig, pool: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The pool without prompts that match an eval (or named benchmark) prompt, and what was removed, by reason."""
-    from prefloop.hygiene import decontaminate
-
-    thresholds = {k: v for k, v in config.decontaminate.items() if k != "benchmarks"}  # else hygiene's defaults
-    files = ([config.eval_prompts] if config.eval_prompts else []) + list(config.decontaminate.get("benchmarks", []))
-    reference = [row["prompt"] for f in files for row in load_prompts(f).records]  # each validated whole
-    kept, info = decontaminate(pool, reference, **thresholds)
-    if not kept:
-        raise ConfigError(f"{config.prompts}: every training prompt matches an eval or benchmark prompt "
-                          f"({info['by_reason']}). Fix: train on other prompts, or raise decontaminate thresholds.")
-    if info["removed"]:
-        log.warning("loop: removed %d of %d training prompts that match eval/benchmark prompts (%s), e.g. %s",
-                    info["removed"], len(pool), ", ".join(f"{k} {v}" for k, v in info["by_reason"].items()),
-                    ", ".join(map(str, info["example_ids"][:3])))
-    return kept, {**info, "pool": len(pool), "kept": len(kept), "reference_prompts": len(reference)}
 
 
 def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]], cleaned: dict[str, Any]) -> Path:

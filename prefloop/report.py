@@ -48,6 +48,8 @@ TIMED_PHASES = (
     ("train", "train s"),
     ("eval", "eval s"),
 )
+TIMED_PHASES_NAMES = tuple(name for name, _ in TIMED_PHASES)
+API_KEYS = ("requests", "prompt_tokens", "completion_tokens", "partial")
 ANSWERS = 5  # held-out prompts shown with their round-0 and latest answers
 PAIRS = 3  # pairs of the latest round shown
 
@@ -169,6 +171,8 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any], answers: int = ANSW
     meta = [f"run status: {manifest.get('status', 'unknown')}"]
     meta += [f"{k}: `{manifest[k]}`" for k in ("config_hash", "prefloop_version") if manifest.get(k)]
     out += ["", " · ".join(meta), ""]
+    out += [f"API spend: {_api(manifest['api_usage'])}", ""] if manifest.get("api_usage") else []
+    out += _pool_lines(manifest.get("decontamination") or {})
     config_lines = _config_lines(manifest.get("config") or {})
     if config_lines:
         out += ["## Config", "", *config_lines, ""]
@@ -220,6 +224,16 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any], answers: int = ANSW
         if s and s.get("mean_chosen_chars") is not None and s.get("mean_rejected_chars") is not None:
             # A chosen side that is systematically longer is the classic length bias of judges.
             notes.append(f"mean chars chosen {s['mean_chosen_chars']:.1f} vs rejected {s['mean_rejected_chars']:.1f}")
+        if s and s.get("repeated_chosen"):  # one answer chosen for several prompts: a template, not a preference
+            notes.append(f"{s['repeated_chosen']} chosen answers repeat another prompt's")
+        s = done_summary(r, "prompts")
+        if s and s.get("repeated_prompts"):
+            notes.append(f"{s['repeated_prompts']} of {s['prompts']} prompts drawn in an earlier round")
+        usages = [u for name in TIMED_PHASES_NAMES if (u := (done_summary(r, name) or {}).get("usage"))]
+        if usages:  # API requests of the round's openai-backend stages (prefloop/budget.py)
+            notes.append("API " + _api({k: sum(u.get(k) or 0 for u in usages) for k in API_KEYS}
+                                       | ({"cost_usd": sum(u["cost_usd"] for u in usages)}
+                                          if all("cost_usd" in u for u in usages) else {})))
         for name, ph in (r.get("phases") or {}).items():
             if ph.get("status") not in ("done", "running"):
                 notes.append(f"**{name} {ph.get('status')}**" + (f": {ph['error']}" if ph.get("error") else ""))
@@ -228,6 +242,31 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any], answers: int = ANSW
     out += answers_section(run_dir, rounds, answers)
     out += pairs_section(run_dir, rounds, pairs)
     return "\n".join(out) + "\n"
+
+
+def _api(usage: dict[str, Any]) -> str:
+    """Token counts (and cost, and the budget) of API requests, as a summary's or the manifest's `usage` has them."""
+    text = f"{usage.get('requests', 0):,} requests, {usage.get('prompt_tokens', 0):,} prompt + " \
+           f"{usage.get('completion_tokens', 0):,} completion tokens" + (" (partial: a server omitted usage)"
+                                                                         if usage.get("partial") else "")
+    if usage.get("cost_usd") is not None:
+        text += f", ${usage['cost_usd']:.6g}"
+    if usage.get("max_budget_usd") is not None:
+        text += f" of max_budget_usd ${usage['max_budget_usd']:g}"
+    return text
+
+
+def _pool_lines(cleaned: dict[str, Any]) -> list[str]:
+    """What left the prompt pool before round 1 (prefloop/pool.py): repeats, eval and benchmark matches."""
+    if not cleaned.get("pool"):
+        return []
+    repeated = cleaned.get("dedup") or {}
+    parts = [f"prompt pool: {repeated.get('pool', cleaned['pool'])} prompts"]
+    if repeated:
+        parts.append(f"{repeated['removed']} repeats removed ({_counts(repeated['by_reason']) or 'none'})")
+    parts.append(f"{cleaned.get('removed', 0)} matching eval/benchmark prompts removed "
+                 f"({_counts(cleaned.get('by_reason') or {}) or 'none'})")
+    return ["; ".join(parts) + f"; {cleaned.get('kept')} kept", ""]
 
 
 def render_png(manifest: dict[str, Any]) -> bytes:

@@ -3,11 +3,12 @@
     with FakeServer() as server:                     # a random free port, served from a thread
         server.script = lambda req: Reply(status=500) if req.attempt == 0 else None   # None: the normal reply
         OpenAIGenerator("m", base_url=server.url)...
-        server.requests                              # every request seen, with path, body, time, attempt
+        server.requests                              # every request seen, with path, body, time, attempt, reply
 
 The normal reply to `/v1/completions` and `/v1/chat/completions` has `n` choices (at most `max_choices`), whose
 texts name the request's seed and the choice index (`s<seed>c<j>`), so tests can tell samples apart; it carries
-log-probs (one per character, plus one for EOS) when asked and `usage.completion_tokens`. `/v1/models`,
+log-probs (one per character, plus one for EOS) when asked and `usage`: `prompt_tokens` the prompt's characters
+(message contents), `completion_tokens` each choice's characters plus one (EOS). `/v1/models`,
 `/health` and `/v1/load_lora_adapter` answer 200 unless scripted (`models_reply`, `health_reply`, `lora_reply`).
 
 A server that dies and comes back: `close()` drops every open connection (a kept-alive one would otherwise go on
@@ -76,10 +77,16 @@ class Request:
     headers: dict[str, str]
     t: float  # time.monotonic() when it arrived
     attempt: int  # earlier generation requests that carried the same prompt
+    reply: Reply | None = None  # what the server sent (None until sent; stays None if the client hung up first)
 
     @property
     def prompt(self) -> Any:
         return self.body.get("prompt", self.body.get("messages"))
+
+    @property
+    def prompt_chars(self) -> int:
+        prompt = self.prompt
+        return len(prompt) if isinstance(prompt, str) else sum(len(m.get("content") or "") for m in prompt or [])
 
 
 class _Server(ThreadingHTTPServer):
@@ -186,7 +193,8 @@ class FakeServer:
         return Reply(json={
             "id": f"cmpl-{len(self.requests)}", "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": body.get("model"), "choices": out,
-            "usage": {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3},
+            "usage": {"prompt_tokens": req.prompt_chars, "completion_tokens": tokens,
+                      "total_tokens": tokens + req.prompt_chars},
         })
 
     def _answer(self, req: Request) -> Reply:
@@ -259,9 +267,10 @@ class FakeServer:
                     reply = server._answer(req)
                     if reply.hang:
                         server._release.wait(reply.hang)
+                    req.reply = reply  # before sending: a client may act on the reply before this thread resumes
                     self._send(reply)
                 except OSError:
-                    pass  # the client gave up (timeout) or we reset the connection on purpose
+                    req.reply = None  # the client gave up (timeout) or we reset the connection on purpose
                 finally:
                     with server._lock:
                         server.inflight -= 1

@@ -330,3 +330,26 @@ def test_pairs_train_with_trl_dpo_trainer(tmp_path, tiny_model, conversational):
     assert torch.isfinite(torch.tensor(result.training_loss))
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(after[n].detach(), before) for n, before in lora_b.items())  # the step really trained
+
+
+def test_a_chosen_answer_repeated_across_prompts_is_counted_and_dropped_when_asked(tmp_path):
+    """Prompt b's best answer is prompt a's, up to case and punctuation; prompt c's is a one-word edit of a's
+    (word 3-gram Jaccard 13/17 = 0.76: the edit touches 2 of the 15 shingles); d's is its own. all_above_margin gives a's one chosen
+    answer twice within its own prompt, which is no repeat."""
+    template = "I am sorry but I cannot help with that request because it is against my rules today"
+    rows = [judgment([2.0, 1.0, 0.0], [template, "meh", "no"], rid="a"),
+            judgment([1.0, 0.0], [template.upper() + "!", "x"], rid="b"),
+            judgment([1.0, 0.0], [template.replace("rules", "guidelines"), "y"], rid="c"),
+            judgment([1.0, 0.0], ["Four.", "Five."], rid="d")]
+    path = write_jsonl(tmp_path / "j.jsonl", rows)
+
+    def pairs_of(name, **settings):
+        out = run(PairsConfig(judgments=str(path), out=str(tmp_path / f"{name}.jsonl"), **settings))
+        return [json.loads(line)["id"].split(":")[0] for line in out.read_text().splitlines()], read_summary(out)
+
+    ids, summary = pairs_of("off", strategy="all_above_margin")
+    assert ids == ["a", "a", "a", "b", "c", "d"] and summary["repeated_chosen"] == 1  # b's, exactly
+    ids, summary = pairs_of("exact", strategy="all_above_margin", dedup_chosen=0.9)
+    assert ids == ["a", "a", "a", "c", "d"] and summary["drops"]["repeated_chosen"] == 1
+    ids, summary = pairs_of("near", strategy="all_above_margin", dedup_chosen=0.7)
+    assert ids == ["a", "a", "a", "d"] and summary["drops"]["repeated_chosen"] == 2
