@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from spy import Spy
 
 from prefloop.errors import StageFailed
 from prefloop.gen.hf import HFGenerator
@@ -23,21 +24,6 @@ from prefloop.tiny import TinyConfig, save_tiny
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("cai") / "model", TinyConfig(max_position_embeddings=4096))
-
-
-class Spy:
-    """A real generator that also records what it is asked (to look at the rendered prompts)."""
-
-    def __init__(self, inner):
-        self.inner, self.inputs = inner, []
-        self.name, self.tokenizer, self.max_context = inner.name, inner.tokenizer, inner.max_context
-
-    def generate(self, prompts, n, sampling):
-        self.inputs += prompts
-        return self.inner.generate(prompts, n, sampling)
-
-    def close(self):
-        self.inner.close()
 
 
 ROWS = [

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from spy import Spy
 from toolchat import CONVERSATION, tool
 
 from prefloop.gen.hf import HFGenerator
@@ -33,21 +34,6 @@ ANSWERS = ["20", "It is 20 &lt;- (5*4)"]  # escaped as the judge must see the se
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("judge-model") / "model", TinyConfig(max_position_embeddings=4096))
-
-
-class Spy:
-    """A real generator that also records what it is asked."""
-
-    def __init__(self, inner):
-        self.inner, self.inputs = inner, []
-        self.name, self.tokenizer, self.max_context = inner.name, inner.tokenizer, inner.max_context
-
-    def generate(self, prompts, n, sampling):
-        self.inputs += prompts
-        return self.inner.generate(prompts, n, sampling)
-
-    def close(self):
-        self.inner.close()
 
 
 def row(prompt=CONVERSATION) -> dict:
