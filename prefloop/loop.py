@@ -53,7 +53,8 @@ from prefloop.lock import exclusive
 from prefloop.pool import decontaminate_pool, dedup_pool, draw_round
 from prefloop.records import load_prompts
 from prefloop.runstate import StageRun, read_summary
-from prefloop.store import atomic_write, atomic_write_json, dumps, iter_records
+from prefloop.scoring import eval_summary, judge_vs_gold, mean_length, pairwise_eval
+from prefloop.store import atomic_write, atomic_write_json, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ class LoopConfig:
         {}, help="Training prompts matching an eval prompt are always removed from the pool (prefloop/hygiene.py); "
         "settings: {ngram_threshold: 0.5, near_threshold: 0.8, benchmarks: [FILE, ...]} (benchmark prompts are "
         "removed too).")
+    gold_judge: dict = field(
+        {}, help="A judge you trust (e.g. {judge: python, reward_fn: verify.py:correct}) run on every round's "
+        "candidates beside `judge`: the judge phase's summary and the report then give `prefloop judge-eval` of "
+        "the judge against it (accuracy, Cohen's kappa, ties, position and length bias). Empty: off.")
     dedup: dict = field(
         {}, help="Repeated prompts (prefloop/hygiene.py): {near_threshold: 0.9} removes pool prompts that repeat an "
         "earlier one (equal after normalization, or word 3-gram Jaccard >= the threshold) before any round; off by "
@@ -138,6 +143,12 @@ class LoopConfig:
 
             launch_config(self.train_launcher)
         self.stage_config("generate", 1, {**self.gen, **self.eval})
+        if self.gold_judge:
+            try:
+                from_dict(JudgeConfig, {"candidates": "c.jsonl", "out": "gold_judgments.jsonl", **self.gold_judge},
+                          "loop config `gold_judge`")
+            except ConfigError as e:
+                raise ConfigError(str(e) if "gold_judge" in str(e) else f"loop config `gold_judge`: {e}") from None
         evaluator = self.stage_config("judge", 1, self.eval_judge)
         api = any(self._api(stage, values) for stage, values in (
             ("generate", self.gen), ("generate", {**self.gen, **self.eval}), ("judge", self.judge),
@@ -245,69 +256,6 @@ class Manifest:
         atomic_write_json(self.path, self.data)
 
 
-def _mean_length(candidates: Path) -> float:
-    lengths = [len(c["text"]) for _, row in iter_records(candidates) for c in row["completions"]]
-    return round(sum(lengths) / max(len(lengths), 1), 3)
-
-
-def _eval_summary(judgments: Path) -> dict[str, Any]:
-    """Mean held-out score; accuracy too when the judge's scores are binary (a verifier)."""
-    scores, lengths, failed = [], [], 0
-    for _, row in iter_records(judgments):
-        for score, completion in zip(row["scores"], row["completions"], strict=True):
-            lengths.append(len(completion["text"]))
-            if score is None:
-                failed += 1
-            else:
-                scores.append(score)
-    summary: dict[str, Any] = {
-        "prompts": len(lengths), "scored": len(scores), "failed": failed,
-        "mean_score": round(sum(scores) / max(len(scores), 1), 4),
-        "mean_length": round(sum(lengths) / max(len(lengths), 1), 3),
-    }
-    if scores and set(scores) <= {0.0, 1.0}:
-        # Failed judgments count as wrong: accuracy is over every held-out answer, not only the scored ones.
-        summary["accuracy"] = round(sum(scores) / len(lengths), 4)
-    return summary
-
-
-def _pairwise_eval(config: LoopConfig, judge_cfg: Any, k: int, candidates: Path, round_dir: Path):
-    """A pairwise judge has no scores: policy k's held-out answer is judged against round 0's, in both orders.
-
-    Round 0 only writes the baseline answers. `win_rate_vs_base` is over every held-out prompt: identical answers
-    (`same`), an empty answer on either side (`empty`), ties (the orders disagree) and failed matches count as
-    not won, so it is a lower bound; `tie_rate`,
-    `same` and `failed` say how much is undecided.
-    """
-    summary: dict[str, Any] = {"mean_length": _mean_length(candidates)}
-    if k == 0:
-        return candidates, {**summary, "prompts": sum(1 for _ in iter_records(candidates))}
-    base = {row["id"]: row for _, row in iter_records(Path(config.out) / "round_000" / "eval_candidates.jsonl")}
-    versus = round_dir / "eval_vs_base_candidates.jsonl"
-    rows = [{"id": row["id"], "prompt": row["prompt"],
-             "completions": [row["completions"][0], base[row["id"]]["completions"][0]]}
-            for _, row in iter_records(candidates) if row["id"] in base]
-    atomic_write(versus, "".join(dumps(r) for r in rows))
-    judge_cfg.candidates, judge_cfg.out = str(versus), str(round_dir / "eval_judgments.jsonl")
-    judgments = judge(judge_cfg)
-    outcomes = {"won": 0, "lost": 0, "tie": 0, "failed": 0, "same": 0, "empty": 0}
-    for _, row in iter_records(judgments):
-        texts = [c["text"] for c in row["completions"]]
-        if texts[0] == texts[1] or not all(t.strip() for t in texts):  # nothing to compare: not a match
-            outcomes["same" if texts[0] == texts[1] else "empty"] += 1
-        for c in row["comparisons"]:
-            if c["status"] == "tie":
-                outcomes["tie"] += 1
-            elif c["status"] != "ok":
-                outcomes["failed"] += 1
-            else:
-                outcomes["won" if c["winner"] == 0 else "lost"] += 1
-    matches = max(sum(outcomes.values()), 1)
-    return judgments, {**summary, "prompts": len(rows), **outcomes,
-                       "win_rate_vs_base": round(outcomes["won"] / matches, 4),
-                       "tie_rate": round(outcomes["tie"] / matches, 4)}
-
-
 def _phase(manifest: Manifest, k: int, name: str, fn) -> None:
     """Run one phase unless the manifest says it is done; `fn() -> (output file or None, summary)`.
 
@@ -350,10 +298,10 @@ def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: dict[str, 
         judge_cfg = config.stage_config("judge", k, _judge_settings(config, initial, {
             **config.eval_judge, "candidates": str(candidates), "out": str(round_dir / "eval_judgments.jsonl")}))
         if (judge_cfg.judge, judge_cfg.mode) in (("llm", "pairwise"), ("constitutional", "feedback")):
-            judgments, summary = _pairwise_eval(config, judge_cfg, k, candidates, round_dir)
+            judgments, summary = pairwise_eval(config, judge_cfg, k, candidates, round_dir)
         else:
             judgments = judge(judge_cfg)
-            summary = _eval_summary(judgments)
+            summary = eval_summary(judgments)
         return judgments, {**summary, **usage_of([candidates, judgments], config.prices)}
 
     _phase(manifest, k, "eval", phase)
@@ -366,12 +314,15 @@ def _generate_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
         raise StageFailed(f"round {k}: generate ended {summary.get('status')} ({summary.get('failed')} of "
                           f"{summary.get('prompts')} prompts failed). Fix: see {out.with_suffix('.summary.json')} "
                           "and the log; re-run the same command to retry the failed prompts.")
-    return out, {**summary, "mean_length": _mean_length(out)}
+    return out, {**summary, "mean_length": mean_length(out)}
 
 
 def _judge_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
     out = judge(config.stage_config("judge", k, _judge_settings(config, policy, {})))
-    return out, read_summary(out)
+    summary = read_summary(out)
+    if config.gold_judge:
+        summary = {**summary, "judge_eval": judge_vs_gold(config, k, out)}
+    return out, summary
 
 
 def _pairs_phase(config: LoopConfig, k: int, d: Path):

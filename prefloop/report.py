@@ -220,6 +220,13 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any], answers: int = ANSW
             if agreement.get("agree_rate") is not None:
                 notes.append(f"{name} ensemble members agree on best and worst in {_pct(agreement['agree_rate'])} "
                              f"of {agreement['prompts']} prompts ({agreement['marked_to_drop']} marked to drop)")
+        gold = (done_summary(r, "judge") or {}).get("judge_eval")  # the loop's gold_judge
+        if gold:
+            ci = gold.get("accuracy_ci95") or ["–", "–"]
+            notes.append(f"judge vs gold: {gold['error']}" if gold.get("error") else
+                         f"judge vs gold: accuracy {_pct(gold['accuracy']) if gold['accuracy'] is not None else DASH} [{ci[0]}, {ci[1]}] on {gold['decided']} "
+                         f"decided of {gold['labelled_comparisons']} labelled comparisons, kappa "
+                         f"{gold['cohens_kappa']}, ties {_pct(gold['tie_rate']) if gold['tie_rate'] is not None else DASH}")
         s = done_summary(r, "pairs")
         if s and s.get("mean_chosen_chars") is not None and s.get("mean_rejected_chars") is not None:
             # A chosen side that is systematically longer is the classic length bias of judges.

@@ -275,3 +275,30 @@ def test_a_self_rewarding_judge_on_vllm_uses_the_policys_engine_and_adapter(work
     assert len(built) == 1  # the judge reused the policy's engine
     assert len(requests) >= 2 and set(requests) == {str(adapter.resolve())}  # generate and judge, via the adapter
     assert vgen._engine is None
+
+
+def test_gold_judge_scores_the_rounds_judge_against_it(workdir, tmp_path):
+    """`gold_judge`: each round's judge phase reports judge-eval against it. Here the judge scores length and the
+    gold judge shortness, so on every two answers of different lengths they disagree (accuracy 0, kappa -1), and the
+    number of labelled comparisons is the count, by hand from the candidates, of answer pairs of different length."""
+    from itertools import combinations
+
+    (tmp_path / "gold.py").write_text("def short(prompts, completions, **columns):\n"
+                                      "    return [-float(len(c)) for c in completions]\n")
+    values = {**loop_values(workdir, str(tmp_path / "run"), rounds=1),
+              "gold_judge": {"judge": "python", "reward_fn": f"{tmp_path / 'gold.py'}:short"}}
+    root = run_loop(from_dict(LoopConfig, values))
+    summary = json.loads((root / "manifest.json").read_text())["rounds"][1]["phases"]["judge"]["summary"]
+    gold = summary["judge_eval"]
+    lengths = [(len(a["text"]), len(b["text"])) for row in read_records(root / "round_001" / "candidates.jsonl")
+               for a, b in combinations(row["completions"], 2)]
+    labelled = [(a, b) for a, b in lengths if a != b]
+    assert labelled and gold["labelled_comparisons"] == gold["decided"] == len(labelled)
+    # Cohen's kappa on "the first answer wins", by hand: the judge says so with rate p, gold always the opposite,
+    # so observed agreement 0 and chance agreement 2p(1-p).
+    p = sum(a > b for a, b in labelled) / len(labelled)
+    assert gold["cohens_kappa"] == pytest.approx(-2 * p * (1 - p) / (1 - 2 * p * (1 - p)), abs=1e-4)
+    assert gold["accuracy"] == 0.0 and gold["tie_rate"] == 0.0
+    assert "judge vs gold: accuracy 0.0%" in (root / "report.md").read_text()
+    with pytest.raises(ConfigError, match="gold_judge"):
+        from_dict(LoopConfig, {**values, "gold_judge": {"judge": "python"}})
