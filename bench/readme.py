@@ -18,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results"
-DOCS = (ROOT / "README.md", ROOT / "docs" / "real-model.md", ROOT / "docs" / "defaults.md")  # the pages whose tables are rendered here
+DOCS = (ROOT / "README.md", ROOT / "docs" / "real-model.md", ROOT / "docs" / "defaults.md",
+        ROOT / "bench" / "README.md")  # the pages whose tables are rendered here
 
 
 def _load(name: str) -> dict:
@@ -88,6 +89,42 @@ def generation() -> str:
     return "\n".join([f"`python bench/gen_throughput.py` ({d['machine']['date']}, `bench/results/gen_throughput.json`; "
                       "the roofline is the achieved FLOP/s of the model's own GEMM shapes over its FLOPs per token):",
                       "", *out]).rstrip()
+
+
+def generation_smollm2() -> str:
+    d = _load("gen_throughput-smollm2.json")
+    run = d["runs"][0]
+    rows = ["| backend | rows | tokens | tok/s | vs naive hf | % of roofline | start-up s | load |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows += [f"| {r['backend']} | {r['rows']} | {r['tokens']:,} | {r['tok_s']:,.0f} | {r['vs_naive']:.2f}x | "
+             f"{r['roofline_pct']:.1f}% | {_cell(r['startup_s'], '{:.0f}')} | {r['load1']} |" for r in run["rows"]]
+    return "\n".join([
+        f"`python bench/gen_throughput.py --sizes smollm2 --max-new-tokens {run['max_new_tokens']}` "
+        f"({d['machine']['date']}, `bench/results/gen_throughput-smollm2.json`): SmolLM2-135M-Instruct "
+        f"({run['params'] / 1e6:.1f}M parameters, fp32), {run['prompts']} instruction prompts in its chat template "
+        f"({run['mean_prompt_tokens']:.0f} tokens on average) × n={run['n']} at T=1, up to {run['max_new_tokens']} "
+        f"new tokens; naive hf on the first 16 prompts. Roofline: {run['mflop_per_token']:.0f} MFLOP per token at "
+        "the GEMM rate of the row's own batch; load is the 1-minute load average as the row ended (2 = this "
+        "job alone on the 2 cores).", "", *rows])
+
+
+def dpo_smollm2() -> str:
+    d = _load("dpo_train-smollm2.json")
+    run = d["runs"][0]
+    labels = {"prefloop": "prefloop default (LoRA r=16, ref = adapter off)",
+              "prefloop-nockpt": "prefloop, gradient checkpointing off",
+              "trl": "TRL default (full fine-tune + ref copy)"}
+    rows = ["| row | s/step | tokens/s | CPU s | peak RSS MB | +RSS MB (training) |", "| --- | --- | --- | --- | --- | --- |"]
+    for key, label in labels.items():
+        r = run["rows"][key]
+        rows.append(f"| {label} | {r['seconds'] / r['steps_timed']:.1f} | {r['tokens_per_s']:,.0f} | "
+                    f"{r['cpu_seconds']:.0f} | {r['peak_rss_mb']:,.0f} | {r['train_rss_mb']:,.0f} |")
+    return "\n".join([
+        f"`python bench/dpo_train.py --cases {run['case']}` ({d['date']}, `bench/results/dpo_train-smollm2.json`): "
+        f"SmolLM2-135M-Instruct, {run['pairs']} chat pairs of {run['mean_tokens_per_pair']:.0f} tokens (prompt twice, "
+        f"both answers), batch {run['batch_size']}, {run['steps'] - run['warmup_steps']} timed steps after "
+        f"{run['warmup_steps']} untimed, each row in its own process. prefloop/TRL: {run['speed_ratio']:.2f}x the "
+        f"speed, {run['train_rss_ratio']:.2f}x the training memory.", "", *rows])
 
 
 def reward_model() -> str:
@@ -203,7 +240,8 @@ def methods() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {"demo": demo, "demo_instructions": demo_instructions, "generation": generation,
                                         "reward_model": reward_model, "judges_real": judges_real, "judge_eval": judge_eval,
-                                        "defaults": defaults, "methods": methods}
+                                        "defaults": defaults, "methods": methods,
+                                        "generation_smollm2": generation_smollm2, "dpo_smollm2": dpo_smollm2}
 BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench -->)", re.S)
 
 
