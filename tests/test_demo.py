@@ -44,6 +44,7 @@ def test_demo_configs_are_valid_loop_configs(tmp_path):
     want = INSTRUCTIONS["gen"]
     assert (gen.backend, gen.chat, gen.n, gen.max_new_tokens, gen.temperature) == (
         "auto", True, want["n"], want["max_new_tokens"], want["temperature"])
+    assert gen.merge_adapter and gen.max_lora_rank is None  # vLLM samples merged policies: no LoRA engine needed
     evaluate = config.stage_config("generate", 1, {**config.gen, **config.eval})
     assert (evaluate.backend, evaluate.temperature, evaluate.n) == ("auto", 0.0, 1)
     assert config.stage_config("judge", 1, {}).reward_fn == "prefloop.tasks.instructions:reward"
