@@ -147,7 +147,9 @@ DRIVER = textwrap.dedent(
         real_atomic(path, data)
     loop.atomic_write = atomic_write
     import prefloop.judge.pairs as pairs
+    import prefloop.pool as pool
     pairs.atomic_write = atomic_write
+    pool.atomic_write = atomic_write  # the prompts phase writes through prefloop/pool.py
 
     if phase == "train":
         import transformers
