@@ -349,9 +349,9 @@ class OpenAIGenerator:
             if messages[-1]["role"] == "assistant":  # a prefill: continue that message (vLLM's extension)
                 extra.update(continue_final_message=True, add_generation_prompt=False)
             template = dict(template_kwargs or {})
-            if template.get("tools"):  # the standard field; "none": plain text back, no tool parser needed
-                options["tools"], options["tool_choice"] = template.pop("tools"), "none"
-            template.pop("tools", None)
+            tools = template.pop("tools", None)
+            if tools:  # the standard field; "none": plain text back, no tool parser needed
+                options["tools"], options["tool_choice"] = tools, "none"
             if template:
                 extra["chat_template_kwargs"] = template  # vLLM's extension, passed to the template renderer
             if extra:

@@ -342,7 +342,7 @@ def _repeated_chosen(selected: list[tuple[str, str, str, str]], threshold: float
     """(the pairs kept, how many chosen answers repeat an earlier prompt's exactly). With `threshold`, a pair whose
     chosen answer repeats (exactly, or near: `hygiene.near_duplicates`) one chosen for another prompt is dropped
     (`repeated_chosen` in drops); the same answer chosen in several pairs of one prompt (all_above_margin) is not a repeat."""
-    from prefloop.hygiene import prompt_text
+    from prefloop.hygiene import near_duplicates, prompt_text
 
     first: dict[str, str] = {}
     exact = 0
@@ -351,8 +351,6 @@ def _repeated_chosen(selected: list[tuple[str, str, str, str]], threshold: float
         exact += first.setdefault(text, prompt_id) != prompt_id
     if threshold is None:
         return selected, exact
-    from prefloop.hygiene import near_duplicates
-
     repeats = near_duplicates([chosen for _, chosen, _, _ in selected], threshold)
     kept = [pair for i, pair in enumerate(selected) if i not in repeats or selected[repeats[i][0]][0] == pair[0]]
     drops["repeated_chosen"] += len(selected) - len(kept)

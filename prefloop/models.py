@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -336,8 +337,6 @@ def merged_checkpoint(model: str, adapter: str | Path, dtype: Any = "auto", cach
         os.utime(dest)  # recently used: kept by the eviction below
     for old in sorted(root.glob(f"*-{dtype}"), key=lambda p: p.stat().st_mtime, reverse=True)[MERGED_KEEP:]:
         if old.is_dir() and (old / MARKER).is_file() and old != dest:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
     return dest
 
