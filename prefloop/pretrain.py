@@ -49,7 +49,7 @@ EVAL_BATCH_SIZE = 256
 
 
 @contextlib.contextmanager
-def _few_threads(n: int = 1) -> Iterator[None]:
+def few_threads(n: int = 1) -> Iterator[None]:
     import torch
 
     # One thread: the model is so small that a batch-64 step takes ~65 ms on 1 thread vs ~50 ms on 2, but with 2
@@ -129,7 +129,7 @@ def pretrain(
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
-    with _few_threads():
+    with few_threads():
         model, tokenizer, summary = _train(
             steps, seed, batch_size, lr, tiny or TinyConfig(seed=seed), log, stop_at_accuracy
         )
@@ -229,7 +229,7 @@ def _generate(model, tokenizer, prompts: list[str], batch_size: int, **sampling)
     import torch
 
     texts: list[str] = []
-    with torch.inference_mode(), _few_threads():
+    with torch.inference_mode(), few_threads():
         for i in range(0, len(prompts), batch_size):
             # Left padding: a decoder-only model continues from the right edge. Raw text, no BOS, as in training.
             batch = prompts[i : i + batch_size]

@@ -131,14 +131,14 @@ def test_stage_records_engine_and_caches_scores(rm, tmp_path):
 
 @pytest.fixture(scope="module")
 def addition_rm(tmp_path_factory) -> Path:
-    from prefloop.train.reward import train_addition_rm
+    from prefloop.addition_rm import train_addition_rm
 
     return train_addition_rm(tmp_path_factory.mktemp("addition-rm") / "rm")
 
 
 @pytest.mark.slow
 def test_trained_reward_model_ranks_correct_sums_first(addition_rm, capsys):
-    from prefloop.train.reward import addition_pairs
+    from prefloop.addition_rm import addition_pairs
 
     judge = RewardModelJudge(str(addition_rm), dtype="float32")
     assert judge.template == "raw"  # trained on text pairs: its tokenizer carries no chat template
