@@ -52,14 +52,6 @@ from typing import Any
 
 from prefloop.tasks import task_main, write_splits
 from prefloop.tasks.constraints import (  # noqa: F401 - re-exported: the checkers are part of this module's API
-    _CHAR_NAMES,
-    _FENCE,
-    _PARAGRAPH_BREAK,
-    _POSTSCRIPT,
-    _SENTENCE_END,
-    _WORD,
-    _plural,
-    _quoted,
     check_bullets,
     check_ends_with,
     check_forbid_words,
