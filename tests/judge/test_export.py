@@ -236,13 +236,6 @@ def test_sft_options_keep_truncated_messages_style_and_pair_threshold(tmp_path):
 # --- TRL trains one step on the kto and sft exports, unconverted ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from prefloop.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "m")
-
-
 def addition_pairs(conv: bool) -> list[dict]:
     return [
         pair(f"r{i}", msgs(f"{i}+{i}=") if conv else f"{i}+{i}=", str(2 * i), str(2 * i + 1), 1.0, 0.0, 0, 1, conv)

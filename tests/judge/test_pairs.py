@@ -263,13 +263,6 @@ def test_config_validation_names_the_fix():
 # --- TRL compatibility: the written file goes straight into datasets + DPOTrainer, no conversion -------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from prefloop.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def _addition_judgments(conversational: bool) -> list[dict]:
     rows = []
     for i in range(4):

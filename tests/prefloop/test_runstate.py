@@ -193,17 +193,15 @@ def test_directory_output_new_run_moves_dir(tmp_path):
 N_PROMPTS = 14
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
     import torch
-
-    from prefloop.tiny import save_tiny
 
     # One intra-op thread: on a shared 2-core box, torch's default thread pool spins against other processes and a
     # 4-token generation goes from ~0.5 s to ~12 s. The tiny model gains nothing from more threads.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield str(save_tiny(tmp_path_factory.mktemp("tiny") / "model"))
+    yield
     torch.set_num_threads(threads)
 
 

@@ -21,15 +21,14 @@ def _no_bar(monkeypatch):
     monkeypatch.setenv("PREFLOOP_NO_BAR", "1")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
     import torch
 
-    from prefloop.tiny import save_tiny
-
+    # One intra-op thread: the tiny model gains nothing from more, and a shared 2-core box stalls with them.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield str(save_tiny(tmp_path_factory.mktemp("tiny") / "model"))  # context: 128 tokens
+    yield
     torch.set_num_threads(threads)
 
 

@@ -7,17 +7,8 @@ import errno
 import json
 from pathlib import Path
 
-import pytest
-
 from prefloop.cli import main
 from prefloop.store import read_records
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from prefloop.tiny import save_tiny
-
-    return str(save_tiny(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 def write_prompts(path: Path, n: int) -> list[str]:

@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from needs import need_module
-
-from prefloop.tiny import save_tiny
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path to a saved random tiny Llama + char-level tokenizer (the same builder as tests/gen's fixture)."""
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

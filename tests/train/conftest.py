@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefloop.tiny import save_tiny
 from prefloop.train.dpo import TrainConfig
 
 N_PAIRS = 8
@@ -54,11 +53,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")
