@@ -53,7 +53,7 @@ def make_prompts(path: Path, count: int) -> None:
 def write_candidates(config, count: int, chars: int, finished: bool) -> float:
     """Write the first `count` prompts' candidates through the store; mark the stage done if `finished`.
     Returns the candidates file size in MB."""
-    from prefloop.gen.stage import _candidate
+    from prefloop.gen.executor import candidate
     from prefloop.records import load_prompts
     from prefloop.runstate import StageRun
     from prefloop.store import JsonlStore
@@ -75,7 +75,7 @@ def write_candidates(config, count: int, chars: int, finished: bool) -> float:
                     offset = rng.randrange(4096)
                     completions.append({"text": pool[offset : offset + chars], "finish_reason": "length",
                                         "num_tokens": chars // 4})
-                batch.append(_candidate(p, completions, config.model, config, state.hash))
+                batch.append(candidate(p, completions, config.model, config, state.hash))
             store.extend(batch)
     if finished:
         state.finish("done", prompts=len(prompts), written=count)

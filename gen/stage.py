@@ -21,11 +21,14 @@ and is counted; more than `max_failed_fraction` failed stops the stage. A fatal 
 e.g. an exhausted API quota) writes the prompts that finished in its chunk, then stops the stage. The openai
 backend's token usage is in the summary (`usage`, priced with `prices`); `max_budget_usd` stops the stage the same
 way, before a chunk that could pass it or once the spend has (prefloop/budget.py); a higher budget resumes.
+
+Where the work runs (`engine`: local, ray, ray-llm) is an executor that turns pending prompts into finished
+batches (gen/executor.py); the driver here is the only writer for all of them, so every guarantee above holds on
+every engine.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,11 +37,22 @@ from typing import Any
 
 from prefloop.budget import Meter, check_budget
 from prefloop.config import ConfigError, field
-from prefloop.gen import BACKENDS, GenerationAborted, Sampling, encode_prompt, load_generator, resolve_backend
+from prefloop.engine import check_engine
+from prefloop.gen import BACKENDS, GenerationAborted, Sampling, load_generator, resolve_backend
+from prefloop.gen.executor import (
+    EXECUTORS,
+    Executor,
+    Finished,
+    candidate,
+    check_failed_ceiling,
+    drop_too_long,
+    encode_all,
+    executor_class,
+    prompt_seed,
+    too_long_message,
+)
 from prefloop.lock import exclusive
 from prefloop.progress import Progress
-from prefloop.ray_engine import RAY_ENGINES, check_engine, generate_on_ray
-from prefloop.ray_llm import check_ray_llm, generate_on_ray_llm
 from prefloop.records import LoadedPrompts, chat_template_kwargs, check_tools, load_prompts
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, JsonlStore, parse_shard, shard_of
@@ -157,9 +171,8 @@ class GenerateConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         check_template_kwargs(self.chat_template_kwargs)
-        check_engine(self, ("local", *RAY_ENGINES))
-        if self.engine == "ray-llm":
-            check_ray_llm(self)
+        check_engine(self, tuple(EXECUTORS))
+        executor_class(self.engine).check(self)
         check_budget(self.max_budget_usd, self.prices, [self.model], self.backend == "openai", "generate")
         if self.max_budget_usd is not None and self.engine != "local":
             raise ConfigError("max_budget_usd needs engine local: Ray workers' requests are not metered here. "
@@ -207,12 +220,6 @@ def check_template_kwargs(kwargs: dict) -> None:
             raise ConfigError(str(e)) from None
 
 
-def prompt_seed(seed: int, prompt_id: str) -> int:
-    """A prompt's seed (its k-th sample uses it + k) depends on its id, not its position or batch, so a resumed run
-    samples what a straight run did (tests/reliability/test_kill.py compares the completions)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
-
-
 def run(config: GenerateConfig) -> Path | str:
     """Generate `config.n` completions per prompt into `config.out`; return its path. See module docstring.
     With `dry_run`, return the estimate (gen/cost.py) instead: nothing is sent, written or locked."""
@@ -239,106 +246,138 @@ def _run(config: GenerateConfig) -> Path:
         log.info("%s is complete (config %s); nothing to do", out, state.hash)
         return out
     try:
-        if config.engine == "ray":  # same store, same records; the batches run on Ray Data actors
-            return generate_on_ray(config, state, loaded, prompts)
-        if config.engine == "ray-llm":  # the same again, sampled by Ray's own vLLM processor (ray.data.llm)
-            return generate_on_ray_llm(config, state, loaded, prompts)
-        return _generate(config, state, loaded, prompts)
+        return _drive(config, state, loaded, prompts)
     except BaseException:
         # Nothing made with this config (a wrong --model, a too-long prompt, Ctrl-C while loading) is forgotten.
         state.forget_if_empty()
         raise
 
 
-def _generate(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, prompts: list[dict]) -> Path:
+def _drive(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, prompts: list[dict]) -> Path:
+    """The one driver of every engine: the executor (gen/executor.py) turns pending prompts into finished batches;
+    this alone writes them, counts, shows progress, and applies the failure ceiling and the budget."""
     out = state.out
     meter = Meter("generate", out, config.prices, config.max_budget_usd, config.spent_before_usd,
                   state.summary().get("usage"))
+    executor: Executor = executor_class(config.engine)(config, loaded, meter)
+    failed: list[str] = []
+    skipped: list[str] = []
+    progress = None
+    stream: Iterator[Finished] = iter(())
     with JsonlStore(out) as store, meter.enforce(lambda: finish(
-            state, loaded, progress, len(prompts), len(failed_ids), len(skipped), resumed, status="budget_exceeded",
-            engine="local", **meter.summary())):
+            state, loaded, progress, len(prompts), len(failed), len(skipped), resumed, status="budget_exceeded",
+            **executor.summary(), **meter.summary())):
         todo = [p for p in prompts if p["id"] not in store.done]
         resumed = len(prompts) - len(todo)
         if resumed:
             log.info("resuming %s: %d of %d prompts already on disk", out, resumed, len(prompts))
-        failed_ids: list[str] = []
-        skipped: list[str] = []
-        generator = progress = None
         try:
             if todo:
-                backend = resolve_backend(config.backend)
-                options = config.backend_options(backend)
-                try:
-                    generator = load_generator(backend, config.model, config.adapter, **options)
-                except ConfigError:  # prefloop.models already said which path is wrong and what to pass
-                    raise
-                except (OSError, ValueError) as e:
-                    # A server's errors (openai) already name the URL and the fix; an OSError with an errno is real
-                    # I/O (a full disk, a permission), which the CLI names. transformers says "not found" this way.
-                    if backend == "openai" or (isinstance(e, OSError) and e.errno is not None):
-                        raise
-                    raise ConfigError(
-                        f"cannot load --model {config.model}"
-                        + (f" with --adapter {config.adapter}" if config.adapter else "")
-                        + f": {' '.join(str(e).split())} Fix: pass a model directory or a hub id (offline: one "
-                        "already in the cache)."
-                    ) from e
-                meter.watch(generator)
-                too_long = _too_long(generator, todo, config.max_new_tokens, loaded, config.chat_template_kwargs)
-                todo, skipped = drop_too_long(too_long, todo, config, getattr(generator, "max_context", None), loaded)
+                todo, skipped = executor.start(todo)
             progress = Progress(len(prompts) - len(skipped), "generate", initial=resumed)
-            costs = None
-            for start in range(0, len(todo), config.chunk_size):
-                chunk = todo[start : start + config.chunk_size]
-                if config.max_budget_usd is not None:
-                    from prefloop.gen.cost import PromptCosts
-
-                    costs = costs or PromptCosts(config)
-                    meter.before_chunk(costs.worst(chunk), len(chunk))
-                sampling = config.sampling
-                sampling.seeds = [prompt_seed(config.seed, p["id"]) for p in chunk]  # a prompt's samples: its own
-                sampling.chat_template_kwargs = [chat_template_kwargs(p, config.chat_template_kwargs) for p in chunk]
-                aborted = None
-                decoded_before = getattr(generator, "tokens_generated", None)
-                try:
-                    results = generator.generate([p["prompt"] for p in chunk], config.n, sampling)
-                except GenerationAborted as e:  # keep what finished, then fail the stage
-                    aborted, results = e, e.partial
-                tokens, unknown = 0, False
-                halted = aborted is not None and meter.over()  # the prompts not sent for the budget did not fail
-                for prompt, completions in zip(chunk, results, strict=True):
+            stream = executor.batches(todo) if todo else stream
+            for batch in stream:
+                n_failed = 0
+                for prompt, completions in batch.rows:
                     if completions is None:
-                        failed_ids += [] if halted else [prompt["id"]]
+                        n_failed += not batch.halted  # the prompts not sent for the budget did not fail
+                        failed += [] if batch.halted else [prompt["id"]]
                         continue
-                    tokens += sum(c["num_tokens"] or 0 for c in completions)
-                    unknown |= any(c["num_tokens"] is None for c in completions)
-                    store.append(_candidate(prompt, completions, generator.name, config, state.hash))
-                if unknown and decoded_before is not None:
-                    # openai with n > 1: a reply's usage counts all its choices together, not each one
-                    tokens = generator.tokens_generated - decoded_before
+                    store.append(candidate(prompt, completions, batch.model, config, state.hash))
                 store.commit()
-                n_done = sum(r is not None for r in results)
-                n_failed = 0 if halted else len(chunk) - n_done
-                progress.update(done=n_done, failed=n_failed, tokens=tokens)
+                if config.skip_too_long:  # found per batch (ray): counted, never written
+                    skipped += [p["id"] for p, _, _ in batch.too_long]
+                progress.update(done=len(batch.rows) - sum(c is None for _, c in batch.rows), failed=n_failed,
+                                tokens=batch.tokens)
                 if meter.active:  # the spend so far, in case this process dies: a resumed run counts on from it
                     state.finish("running", **meter.summary())
-                if aborted is not None:
+                if batch.too_long and not config.skip_too_long:
+                    raise InputError(too_long_message(batch.too_long, config, loaded, kept=len(store.done)))
+                if batch.aborted is not None:
                     meter.check()  # the budget halted the generator: stop as the budget, not as a failure
                     raise GenerationAborted(
-                        f"generate stopped: {aborted}. The {len(store.done)} prompts finished so far are kept in "
-                        f"{out}; re-run the same command to resume.",
-                        aborted.partial,
-                    ) from aborted
-                check_failed_ceiling(len(failed_ids), len(prompts), config, out, results)
+                        f"generate stopped: {batch.aborted}. The {len(store.done)} prompts finished so far are kept "
+                        f"in {out}; re-run the same command to resume.", [])
+                check_failed_ceiling(len(failed), len(prompts), config, out)
         finally:
             if progress is not None:
                 progress.close()
-            if generator is not None:
-                generator.close()
+            getattr(stream, "close", lambda: None)()  # an engine's session ends now, not when collected
+            executor.close()
 
-    finish(state, loaded, progress, len(prompts), len(failed_ids), len(skipped), resumed, engine="local",
+    finish(state, loaded, progress, len(prompts), len(failed), len(skipped), resumed, **executor.summary(),
            **meter.summary())
     return out
+
+
+class LocalGenerate:
+    """The local executor: this process's Generator, one call per `chunk_size` prompts."""
+
+    def __init__(self, config: GenerateConfig, loaded: LoadedPrompts, meter: Meter) -> None:
+        self.config, self.loaded, self.meter = config, loaded, meter
+        self.generator = None
+        self.costs = None
+
+    @staticmethod
+    def check(config: GenerateConfig) -> None:
+        pass
+
+    def start(self, todo: list[dict]) -> tuple[list[dict], list[str]]:
+        config = self.config
+        backend = resolve_backend(config.backend)
+        options = config.backend_options(backend)
+        try:
+            self.generator = load_generator(backend, config.model, config.adapter, **options)
+        except ConfigError:  # prefloop.models already said which path is wrong and what to pass
+            raise
+        except (OSError, ValueError) as e:
+            # A server's errors (openai) already name the URL and the fix; an OSError with an errno is real
+            # I/O (a full disk, a permission), which the CLI names. transformers says "not found" this way.
+            if backend == "openai" or (isinstance(e, OSError) and e.errno is not None):
+                raise
+            raise ConfigError(
+                f"cannot load --model {config.model}"
+                + (f" with --adapter {config.adapter}" if config.adapter else "")
+                + f": {' '.join(str(e).split())} Fix: pass a model directory or a hub id (offline: one "
+                "already in the cache)."
+            ) from e
+        self.meter.watch(self.generator)
+        too_long = _too_long(self.generator, todo, config.max_new_tokens, self.loaded, config.chat_template_kwargs)
+        return drop_too_long(too_long, todo, config, getattr(self.generator, "max_context", None), self.loaded)
+
+    def batches(self, todo: list[dict]) -> Iterator[Finished]:
+        config, generator = self.config, self.generator
+        for start in range(0, len(todo), config.chunk_size):
+            chunk = todo[start : start + config.chunk_size]
+            if config.max_budget_usd is not None:
+                from prefloop.gen.cost import PromptCosts
+
+                self.costs = self.costs or PromptCosts(config)
+                self.meter.before_chunk(self.costs.worst(chunk), len(chunk))
+            sampling = config.sampling
+            sampling.seeds = [prompt_seed(config.seed, p["id"]) for p in chunk]  # a prompt's samples: its own
+            sampling.chat_template_kwargs = [chat_template_kwargs(p, config.chat_template_kwargs) for p in chunk]
+            aborted = None
+            decoded_before = getattr(generator, "tokens_generated", None)
+            try:
+                results = generator.generate([p["prompt"] for p in chunk], config.n, sampling)
+            except GenerationAborted as e:  # keep what finished, then fail the stage
+                aborted, results = e, e.partial
+            done = [c for c in results if c is not None]
+            tokens = sum(c["num_tokens"] or 0 for completions in done for c in completions)
+            if decoded_before is not None and any(c["num_tokens"] is None for cs in done for c in cs):
+                # openai with n > 1: a reply's usage counts all its choices together, not each one
+                tokens = generator.tokens_generated - decoded_before
+            yield Finished(list(zip(chunk, results, strict=True)), generator.name, tokens,
+                           aborted=None if aborted is None else str(aborted),
+                           halted=aborted is not None and self.meter.over())
+
+    def summary(self) -> dict[str, Any]:
+        return {"engine": "local"}
+
+    def close(self) -> None:
+        if self.generator is not None:
+            self.generator.close()
 
 
 def check_text_prompts(config: GenerateConfig, loaded: LoadedPrompts) -> None:
@@ -354,18 +393,6 @@ def check_text_prompts(config: GenerateConfig, loaded: LoadedPrompts) -> None:
             )
 
 
-def encode_all(tokenizer, prompts: list[dict], name: str, loaded: LoadedPrompts,
-               template_kwargs: dict | None = None) -> Iterator[tuple[dict, list[int]]]:
-    """(prompt, its token ids) as every local backend encodes it (`template_kwargs`: the stage's
-    `chat_template_kwargs`, merged with each row's `tools`); a prompt that cannot be encoded (e.g. messages for a
-    tokenizer without a chat template) stops the stage, naming its file:line."""
-    for p in prompts:
-        try:
-            yield p, encode_prompt(tokenizer, p["prompt"], name, chat_template_kwargs(p, template_kwargs))
-        except ValueError as e:
-            raise InputError(f"{loaded.locations.get(p['id'], p['id'])}: {e}") from None
-
-
 def _too_long(generator, prompts: list[dict], max_new_tokens: int, loaded: LoadedPrompts,
               template_kwargs: dict | None = None) -> list[tuple[dict, int]]:
     """(prompt, its length in tokens) for each prompt that cannot fit the context with `max_new_tokens`. Only
@@ -375,32 +402,6 @@ def _too_long(generator, prompts: list[dict], max_new_tokens: int, loaded: Loade
         return []
     return [(p, len(ids)) for p, ids in encode_all(tokenizer, prompts, generator.name, loaded, template_kwargs)
             if len(ids) > context - max_new_tokens]
-
-
-def drop_too_long(too_long: list[tuple[dict, int]], todo: list[dict], config: GenerateConfig, context: int | None,
-                  loaded: LoadedPrompts) -> tuple[list[dict], list[str]]:
-    """(prompts left, ids skipped): refuse the stage over a too-long prompt, or with skip_too_long drop them."""
-    if too_long and not config.skip_too_long:
-        raise InputError(_too_long_message(too_long, config, context, loaded))
-    skipped = [p["id"] for p, _ in too_long]
-    if not skipped:
-        return todo, []
-    log.warning("generate: skipped %d prompts too long for the context (skip_too_long), e.g. %s", len(skipped),
-                ", ".join(map(repr, skipped[:5])))
-    skip = set(skipped)
-    return [p for p in todo if p["id"] not in skip], skipped
-
-
-def check_failed_ceiling(failed: int, total: int, config: GenerateConfig, out: Path, partial: list | None = None
-                         ) -> None:
-    """More than `max_failed_fraction` of the prompts failed: stop the stage (records on disk are kept)."""
-    if failed > config.max_failed_fraction * total:
-        raise GenerationAborted(
-            f"generate: {failed} of {total} prompts failed, over the ceiling "
-            f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in {out}; "
-            "fix the cause and re-run the same command to resume.",
-            partial or [],
-        )
 
 
 def finish(state: StageRun, loaded: LoadedPrompts, progress: Progress, total: int, failed: int, skipped: int,
@@ -422,33 +423,3 @@ def finish(state: StageRun, loaded: LoadedPrompts, progress: Progress, total: in
     )
     if failed:
         log.warning("generate: %d prompts failed and were not written; re-run to retry them", failed)
-
-
-def _too_long_message(too_long: list[tuple[dict, int]], config: GenerateConfig, context: int,
-                      loaded: LoadedPrompts) -> str:
-    (first, length), more = too_long[0], len(too_long) - 1
-    where = loaded.locations.get(first["id"], config.prompts)
-    others = f" ({more} more prompt{'s' * (more > 1)} too long as well)" if more else ""
-    return (
-        f"{where}: prompt {first['id']!r} is {length} tokens long, but the model's context of {context} tokens with "
-        f"max_new_tokens={config.max_new_tokens} fits prompts of at most {max(context - config.max_new_tokens, 0)} "
-        f"tokens{others}. Nothing was generated. Fix: shorten or drop it, lower --max-new-tokens, or pass "
-        "--skip-too-long to skip such prompts (counted in the summary as `skipped_too_long`)."
-    )
-
-
-def _candidate(prompt: dict, completions: list, model_name: str, config: GenerateConfig, chash: str) -> dict:
-    columns = {k: v for k, v in prompt.items() if k not in ("id", "prompt")}
-    record = {
-        "id": prompt["id"],
-        "prompt": prompt["prompt"],
-        "completions": completions,
-        "model": model_name,
-        "round": config.round,
-        "config_hash": chash,
-        "columns": columns,
-    }
-    template_kwargs = chat_template_kwargs(prompt, config.chat_template_kwargs)
-    if template_kwargs:  # what the prompt was rendered with; the judge passes it on, the pairs give it to TRL
-        record["chat_template_kwargs"] = template_kwargs
-    return record

@@ -28,6 +28,7 @@ from typing import Any
 
 from prefloop.budget import Meter, check_budget
 from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict
+from prefloop.engine import check_engine, load_executor
 from prefloop.errors import StageFailed
 from prefloop.gen import BACKENDS as GEN_BACKENDS
 from prefloop.gen import resolve_backend
@@ -38,11 +39,14 @@ from prefloop.judge.stats import FAILURES, judge_stats
 from prefloop.judge.templates import Template, load_template
 from prefloop.lock import exclusive
 from prefloop.progress import Progress
-from prefloop.ray_engine import RayJudges, check_engine
 from prefloop.runstate import StageRun
 from prefloop.store import InputError, JsonlStore, iter_records
 
 log = logging.getLogger(__name__)
+
+# Where the judging runs (`--engine`): the executor classes, by name (prefloop/engine.py), so this stage never
+# imports an engine. Each is built as `cls(config, judge or None, meter)` and turns pending rows into batches.
+JUDGE_EXECUTORS = {"local": "prefloop.judge.stage:LocalJudges", "ray": "prefloop.ray_engine:RayJudges"}
 
 
 @dataclass
@@ -136,7 +140,7 @@ class JudgeConfig:
                                 "arrives.", hash=False)
 
     def __post_init__(self) -> None:
-        check_engine(self)
+        check_engine(self, tuple(JUDGE_EXECUTORS))
         if self.max_budget_usd is not None and (self.judge == "ensemble" or self.engine != "local"):
             raise ConfigError("max_budget_usd needs one judge on engine local (an ensemble's members and Ray "
                               "workers meter their own requests). Fix: set max_budget_usd on the members, or drop it.")
@@ -290,7 +294,7 @@ def _run(config: JudgeConfig) -> Path:
     rows = load_candidates(config.candidates)
     # A python judge loads before anything is written: a wrong --reward-fn must fail without leaving an output.
     # Model judges load only when there is work (they are slow to load, and a finished stage needs none).
-    judge_ = _load(config) if config.judge == "python" else None
+    judge_ = load_configured_judge(config) if config.judge == "python" else None
     state = StageRun("judge", out, config)
     if state.begin(config.new_run) == "done":
         log.info("%s is complete (config %s); nothing to do", out, state.hash)
@@ -303,7 +307,7 @@ def _run(config: JudgeConfig) -> Path:
     # The executor turns pending rows into (row, verdict, judge) batches; this driver alone writes and counts.
     meter = Meter("judge", out, config.prices, config.max_budget_usd, config.spent_before_usd,
                   state.summary().get("usage"))
-    executor = RayJudges(config) if config.engine == "ray" else LocalJudges(config, judge_, meter)
+    executor = load_executor(JUDGE_EXECUTORS, config.engine)(config, judge_, meter)
     tally = Tally(config.max_failed_fraction)
     with JsonlStore(out) as store, meter.enforce(lambda: state.finish(
             "budget_exceeded", prompts=len(rows), judged=len(store.done) - (len(rows) - len(todo)),
@@ -386,7 +390,7 @@ class LocalJudges:
 
     def batches(self, todo: list[dict[str, Any]]) -> Iterator[list[tuple[dict[str, Any], dict[str, Any], Judge]]]:
         for start in range(0, len(todo), self.config.chunk_size):
-            self.judge = self.judge or _load(self.config)
+            self.judge = self.judge or load_configured_judge(self.config)
             chunk = todo[start : start + self.config.chunk_size]
             if self.meter is not None:  # counts the judge's API requests; with a budget, checks the chunk first
                 self.meter.watch(self.judge)
@@ -416,7 +420,8 @@ class LocalJudges:
             self.judge.close()
 
 
-def _load(config: JudgeConfig) -> Judge:
+def load_configured_judge(config: JudgeConfig) -> Judge:
+    """The judge `config` names, loaded (a bad --reward-fn, model or template: one ConfigError)."""
     try:
         return load_judge(config.judge, **config.judge_options())
     except (ValueError, AttributeError, ImportError, FileNotFoundError, OSError) as e:

@@ -408,7 +408,8 @@ def _ray_scope(config: LoopConfig):
     """Phases on `engine: ray` (set per phase: `gen: {engine: ray, ray_actors: 4}`, `judge: {engine: ray}`; eval
     inherits `gen`'s and `judge`'s) share one Ray connection for the whole run instead of one per phase."""
     phases = [config.gen, {**config.gen, **config.eval}, config.judge, {**config.judge, **config.eval_judge}]
-    from prefloop.ray_engine import RAY_ENGINES, ray_session
+    from prefloop.engine import RAY_ENGINES
+    from prefloop.ray_engine import ray_session
 
     ray_phases = [s for s in phases if s.get("engine") in RAY_ENGINES]
     if not ray_phases:

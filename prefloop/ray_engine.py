@@ -31,39 +31,19 @@ driver's working directory (each actor changes into it); on a multi-node cluster
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from prefloop.config import ConfigError
-from prefloop.progress import Progress
-from prefloop.store import InputError, JsonlStore
+from prefloop.gen.executor import Finished, prompt_seed
+from prefloop.judge.stage import load_configured_judge
 
 log = logging.getLogger(__name__)
-
-ENGINES = ("local", "ray")
-RAY_ENGINES = ("ray", "ray-llm")  # ray-llm: Ray's own vLLM processor, generate only (prefloop/ray_llm.py)
-
-
-def check_engine(config: Any, engines: tuple[str, ...] = ENGINES) -> None:
-    """`__post_init__` checks shared by GenerateConfig and JudgeConfig (fail before any work)."""
-    if config.engine not in engines:
-        hint = " (ray-llm generates only; judges run on --engine ray)" if config.engine == "ray-llm" else ""
-        raise ConfigError(f"engine = {config.engine!r}. Fix: use one of {', '.join(engines)}{hint}.")
-    if config.ray_actors < 1 or config.ray_batch_size < 1:
-        raise ConfigError("ray_actors and ray_batch_size must be >= 1.")
-    if config.ray_num_cpus <= 0 or config.ray_num_gpus < 0:
-        raise ConfigError("ray_num_cpus must be > 0 and ray_num_gpus >= 0.")
-    if config.engine in RAY_ENGINES and importlib.util.find_spec("ray") is None:
-        raise ConfigError(
-            f"--engine {config.engine} needs Ray Data. Fix: pip install 'prefloop[ray]', or use --engine local."
-        )
 
 
 def _import_ray():
@@ -107,7 +87,7 @@ def ray_session(address: str | None, num_cpus: int | None = None):
             ray.shutdown()
 
 
-def _check_fits(config: Any, info: dict[str, Any]) -> None:
+def check_fits(config: Any, info: dict[str, Any]) -> None:
     """Refuse a request the cluster can never satisfy; otherwise Ray waits for resources forever."""
     need_cpus, need_gpus = config.ray_actors * config.ray_num_cpus, config.ray_actors * config.ray_num_gpus
     if need_gpus > info["cluster_gpus"] or need_cpus > info["cluster_cpus"]:
@@ -119,7 +99,8 @@ def _check_fits(config: Any, info: dict[str, Any]) -> None:
         )
 
 
-def _engine_summary(config: Any, info: dict[str, Any]) -> dict[str, Any]:
+def engine_summary(config: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """The summary's `engine` and `ray` keys."""
     return {"engine": config.engine, "ray": {"address": info["address"], "actors": config.ray_actors,
                                      "num_cpus": config.ray_num_cpus, "num_gpus": config.ray_num_gpus,
                                      "batch_size": config.ray_batch_size, "startup_s": info["startup_s"]}}
@@ -170,7 +151,6 @@ class GenerateActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from prefloop.gen import GenerationAborted, encode_prompt
-        from prefloop.gen.stage import prompt_seed
         from prefloop.records import chat_template_kwargs
 
         rows = [json.loads(r) for r in batch["row"]]
@@ -215,89 +195,66 @@ class GenerateActor:
             self.generator.close()
 
 
-def generate_on_ray(config: Any, state: Any, loaded: Any, prompts: list[dict[str, Any]]) -> Path:
-    """The `--engine ray` body of `prefloop generate` (gen/stage.py decides; see this module's docstring)."""
-    from prefloop.gen import GenerationAborted
-    from prefloop.gen.stage import _candidate, check_failed_ceiling, finish
+class RayGenerate:
+    """The `--engine ray` executor of `prefloop generate` (gen/stage.py drives it; see this module's docstring):
+    finished batches from `GenerateActor`s, in the order Ray finishes them."""
 
-    out = state.out
-    failed: list[str] = []
-    skipped: list[str] = []
-    info: dict[str, Any] = {"address": None, "startup_s": 0.0}
-    with JsonlStore(out) as store:
-        todo = [p for p in prompts if p["id"] not in store.done]
-        resumed = len(prompts) - len(todo)
-        if resumed:
-            log.info("resuming %s: %d of %d prompts already on disk", out, resumed, len(prompts))
-        progress = Progress(len(prompts), "generate", initial=resumed)
-        try:
-            if todo:
-                with ray_session(config.ray_address) as (ray, info):
-                    _check_fits(config, info)
-                    ds = _pipeline(ray, todo, GenerateActor, config, os.getcwd())
-                    by_id = {p["id"]: p for p in todo}
-                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                        aborted = _write_candidates(batch, by_id, store, config, state, progress, failed, skipped,
-                                                    loaded, _candidate)
-                        if aborted:
-                            raise GenerationAborted(
-                                f"generate stopped: {aborted}. The {len(store.done)} prompts finished so far are "
-                                f"kept in {out}; re-run the same command to resume.", [])
-                        check_failed_ceiling(len(failed), len(prompts), config, out)
-        finally:
-            progress.close()
+    def __init__(self, config: Any, loaded: Any, meter: Any = None) -> None:
+        self.config = config
+        self.info: dict[str, Any] = {"address": None, "startup_s": 0.0}
 
-    finish(state, loaded, progress, len(prompts), len(failed), len(skipped), resumed, **_engine_summary(config, info))
-    return out
+    @staticmethod
+    def check(config: Any) -> None:
+        pass
+
+    def start(self, todo: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+        return todo, []  # the actors hold the model: each finds the too-long prompts of its own batch
+
+    def batches(self, todo: list[dict[str, Any]]) -> Iterator[Finished]:
+        with ray_session(self.config.ray_address) as (ray, self.info):
+            check_fits(self.config, self.info)
+            ds = _pipeline(ray, todo, GenerateActor, self.config, os.getcwd())
+            by_id = {p["id"]: p for p in todo}
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                yield _finished(batch, by_id)
+
+    def summary(self) -> dict[str, Any]:
+        return engine_summary(self.config, self.info)
+
+    def close(self) -> None:
+        pass
 
 
-def _write_candidates(batch, by_id, store, config, state, progress, failed, skipped, loaded, make) -> str | None:
-    """Append one result batch through the store and commit it; return an abort message if an actor had one."""
-    tokens = done = n_failed = 0
-    aborted = None
+def _finished(batch: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> Finished:
+    """One actor batch as the driver reads it. A prompt cut off by an abort is not a row (nor a failure)."""
+    out = Finished([], "")
     for rid, completions, status, detail, model in zip(batch["id"], batch["completions"], batch["status"],
                                                        batch["detail"], batch["model"], strict=True):
-        rid = str(rid)
+        prompt = by_id[str(rid)]
+        out.model = str(model)
         if status == "too_long":
             length, context = json.loads(detail)
-            if not config.skip_too_long:
-                store.commit()
-                where = loaded.locations.get(rid, config.prompts)
-                raise InputError(
-                    f"{where}: prompt {rid!r} is {length} tokens long, but the model's context of {context} tokens "
-                    f"with max_new_tokens={config.max_new_tokens} fits prompts of at most "
-                    f"{max(context - config.max_new_tokens, 0)} tokens. The {len(store.done)} prompts finished "
-                    "before it are kept. Fix: shorten or drop it, lower --max-new-tokens, or pass --skip-too-long."
-                )
-            skipped.append(rid)
-            continue
-        if not completions:  # failed, or cut off by an abort: not written, so a re-run retries it
-            if status == "failed":
-                failed.append(rid)
-                n_failed += 1
-            elif status == "aborted":
-                aborted = aborted or detail
-            continue
-        completions = json.loads(completions)
-        tokens += sum(c["num_tokens"] or 0 for c in completions)
-        store.append(make(by_id[rid], completions, str(model), config, state.hash))
-        done += 1
-    store.commit()
-    progress.update(done=done, failed=n_failed, tokens=tokens)
-    return aborted
+            out.too_long.append((prompt, length, context))
+        elif status == "aborted" and not completions:
+            out.aborted = out.aborted or str(detail)
+        elif not completions:  # failed: not written, so a re-run retries it
+            out.rows.append((prompt, None))
+        else:
+            completions = json.loads(completions)
+            out.tokens += sum(c["num_tokens"] or 0 for c in completions)
+            out.rows.append((prompt, completions))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- judge
 
 
 class JudgeActor:
-    """One replica: loads prefloop's Judge once (`judge/stage.py:_load`); each call judges one batch of rows."""
+    """One replica: loads prefloop's Judge once (`judge.stage.load_configured_judge`); each call judges one batch."""
 
     def __init__(self, config: Any, cwd: str) -> None:
-        from prefloop.judge.stage import _load
-
         _enter(cwd)
-        self.judge = _load(config)
+        self.judge = load_configured_judge(config)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         rows = [json.loads(r) for r in batch["row"]]
@@ -316,7 +273,7 @@ class RayJudges:
     """The `--engine ray` executor of `prefloop judge` (judge/stage.py drives it): batches of (row, verdict, judge)
     from `JudgeActor`s, in the order Ray finishes them."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, judge: Any = None, meter: Any = None) -> None:
         self.config = config
         self.info: dict[str, Any] = {"address": None, "startup_s": 0.0}
 
@@ -324,7 +281,7 @@ class RayJudges:
         if not todo:
             return
         with ray_session(self.config.ray_address) as (ray, self.info):
-            _check_fits(self.config, self.info)
+            check_fits(self.config, self.info)
             ds = _pipeline(ray, todo, JudgeActor, self.config, os.getcwd())
             by_id = {r["id"]: r for r in todo}
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -336,7 +293,7 @@ class RayJudges:
                 yield out
 
     def summary(self) -> dict[str, Any]:
-        return _engine_summary(self.config, self.info)
+        return engine_summary(self.config, self.info)
 
     def close(self) -> None:
         pass

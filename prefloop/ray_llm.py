@@ -31,21 +31,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefloop.config import ConfigError
-from prefloop.progress import Progress
-from prefloop.ray_engine import _check_fits, _engine_summary, dataset, ray_session
-from prefloop.store import JsonlStore
+from prefloop.gen import resolve_backend
+from prefloop.gen.executor import Finished, drop_too_long, encode_all, prompt_seed
+from prefloop.ray_engine import check_fits, dataset, engine_summary, ray_session
 
 log = logging.getLogger(__name__)
 
 
 def check_ray_llm(config: Any) -> None:
     """`GenerateConfig.__post_init__` checks for `engine: ray-llm` (before any work)."""
-    from prefloop.gen import resolve_backend
-
     if config.backend not in ("auto", "vllm"):
         raise ConfigError(
             f"--engine ray-llm samples with vLLM (Ray's vLLM processor), but backend = {config.backend!r}. Fix: pass "
@@ -120,8 +119,6 @@ def processor_config(config: Any, cls: type) -> Any:
 
 def _requests(config: Any, encoded: dict[str, list[int]]) -> list[dict[str, Any]]:
     """One row per sample to draw: `n` per prompt, one when greedy (the driver copies it)."""
-    from prefloop.gen.stage import prompt_seed
-
     greedy = config.temperature <= 0
     adapter = str(Path(config.adapter).resolve()) if config.adapter else None
     rows = []
@@ -164,65 +161,64 @@ def _sampled_logprob(step: Any, token: int) -> float | None:
     return float(entry["logprob"]) if entry else None
 
 
-def generate_on_ray_llm(config: Any, state: Any, loaded: Any, prompts: list[dict[str, Any]]) -> Path:
-    """The `--engine ray-llm` body of `prefloop generate` (gen/stage.py decides; see this module's docstring)."""
-    from transformers import AutoTokenizer
+class RayLLMGenerate:
+    """The `--engine ray-llm` executor of `prefloop generate` (gen/stage.py drives it; see this module's
+    docstring): the driver tokenizes, Ray's vLLM processor samples, and a prompt is finished once all its samples
+    are in."""
 
-    from prefloop.gen.stage import _candidate, check_failed_ceiling, drop_too_long, encode_all, finish
+    check = staticmethod(check_ray_llm)
 
-    out = state.out
-    info: dict[str, Any] = {"address": None, "startup_s": 0.0}
-    failed: set[str] = set()
-    with JsonlStore(out) as store:
-        todo = [p for p in prompts if p["id"] not in store.done]
-        resumed = len(prompts) - len(todo)
-        if resumed:
-            log.info("resuming %s: %d of %d prompts already on disk", out, resumed, len(prompts))
-        skipped: list[str] = []
-        encoded: dict[str, list[int]] = {}
-        if todo:
-            build_processor, processor_cls = _import_processor()
-            config = _resolved(config)
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(config.model)
-                context = _max_context(config)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"cannot load --model {config.model}: {' '.join(str(e).split())} Fix: pass a "
-                                  "model directory or a hub id (offline: one already in the cache).") from e
-            encoded = {p["id"]: ids for p, ids in encode_all(tokenizer, todo, config.model, loaded,
-                                                             config.chat_template_kwargs)}
-            too_long = [(p, len(encoded[p["id"]])) for p in todo
-                        if context and len(encoded[p["id"]]) > context - config.max_new_tokens]
-            todo, skipped = drop_too_long(too_long, todo, config, context, loaded)
-            for rid in skipped:
-                del encoded[rid]
-        progress = Progress(len(prompts) - len(skipped), "generate", initial=resumed)
+    def __init__(self, config: Any, loaded: Any, meter: Any = None) -> None:
+        self.config, self.loaded = config, loaded
+        self.info: dict[str, Any] = {"address": None, "startup_s": 0.0}
+        self.encoded: dict[str, list[int]] = {}
+
+    def start(self, todo: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+        from transformers import AutoTokenizer
+
+        _import_processor()  # fail on a missing ray.data.llm before the tokenizer loads
+        self.config = config = _resolved(self.config)
         try:
-            if encoded:
-                by_id = {p["id"]: p for p in todo}
-                eos = tokenizer.eos_token_id
-                eos = [eos] if isinstance(eos, int) else list(eos or [])
-                with ray_session(config.ray_address) as (ray, info):
-                    _check_fits(config, info)
-                    rows = _requests(config, encoded)
-                    processor = build_processor(
-                        processor_config(config, processor_cls),
-                        postprocess=_postprocess(config.max_new_tokens, eos, config.logprobs))
-                    ds = processor(dataset(ray, rows, config.ray_batch_size))
-                    want = 1 if config.temperature <= 0 else config.n
-                    arrived: dict[str, dict[int, dict]] = {}
-                    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-                        _write(batch, arrived, want, by_id, store, config, state, progress, failed, _candidate)
-                        check_failed_ceiling(len(failed), len(prompts), config, out)
-                    if arrived:  # the dataset ended without some samples: never write a prompt short of n
-                        log.warning("generate: %d prompts came back without all their samples, e.g. %r; not "
-                                    "written, a re-run retries them", len(arrived), next(iter(arrived)))
-                        failed.update(arrived)
-        finally:
-            progress.close()
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+            context = _max_context(config)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load --model {config.model}: {' '.join(str(e).split())} Fix: pass a "
+                              "model directory or a hub id (offline: one already in the cache).") from e
+        encoded = {p["id"]: ids for p, ids in encode_all(self.tokenizer, todo, config.model, self.loaded,
+                                                         config.chat_template_kwargs)}
+        too_long = [(p, len(encoded[p["id"]])) for p in todo
+                    if context and len(encoded[p["id"]]) > context - config.max_new_tokens]
+        todo, skipped = drop_too_long(too_long, todo, config, context, self.loaded)
+        self.encoded = {p["id"]: encoded[p["id"]] for p in todo}
+        return todo, skipped
 
-    finish(state, loaded, progress, len(prompts), len(failed), len(skipped), resumed, **_engine_summary(config, info))
-    return out
+    def batches(self, todo: list[dict[str, Any]]) -> Iterator[Finished]:
+        config = self.config
+        build_processor, processor_cls = _import_processor()
+        by_id = {p["id"]: p for p in todo}
+        eos = self.tokenizer.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        name = config.model + (f"+adapter:{config.adapter}" if config.adapter else "")  # as VLLMGenerator names it
+        with ray_session(config.ray_address) as (ray, self.info):
+            check_fits(config, self.info)
+            processor = build_processor(processor_config(config, processor_cls),
+                                        postprocess=_postprocess(config.max_new_tokens, eos, config.logprobs))
+            ds = processor(dataset(ray, _requests(config, self.encoded), config.ray_batch_size))
+            want = 1 if config.temperature <= 0 else config.n
+            arrived: dict[str, dict[int, dict]] = {}
+            failed: set[str] = set()
+            for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+                yield _finished(batch, arrived, failed, want, by_id, config.n, name)
+            if arrived:  # the dataset ended without some samples: never write a prompt short of n
+                log.warning("generate: %d prompts came back without all their samples, e.g. %r; not written, a "
+                            "re-run retries them", len(arrived), next(iter(arrived)))
+                yield Finished([(by_id[rid], None) for rid in arrived], name)
+
+    def summary(self) -> dict[str, Any]:
+        return engine_summary(self.config, self.info)
+
+    def close(self) -> None:
+        pass
 
 
 def _resolved(config: Any) -> Any:
@@ -238,11 +234,12 @@ def _resolved(config: Any) -> Any:
     return resolved
 
 
-def _write(batch, arrived, want, by_id, store, config, state, progress, failed, make) -> None:
-    """File one batch of samples under their prompts; append (and commit) every prompt whose samples are all in."""
+def _finished(batch, arrived: dict[str, dict[int, dict]], failed: set[str], want: int,
+              by_id: dict[str, dict[str, Any]], n: int, name: str) -> Finished:
+    """File one batch of samples under their prompts; every prompt whose samples are all in is finished, and one
+    the engine failed is a failed row (once)."""
     errors = batch["__inference_error__"] if "__inference_error__" in batch else [""] * len(batch)
-    name = config.model + (f"+adapter:{config.adapter}" if config.adapter else "")  # as VLLMGenerator names it
-    done = tokens = n_failed = 0
+    out = Finished([], name)
     for rid, k, completion, error in zip(batch["id"], batch["k"], batch.get("completion", [None] * len(batch)),
                                          errors, strict=True):
         rid = str(rid)
@@ -252,7 +249,7 @@ def _write(batch, arrived, want, by_id, store, config, state, progress, failed, 
             log.warning("generate: prompt %r failed on the engine: %s", rid, str(error)[:300])
             failed.add(rid)
             arrived.pop(rid, None)
-            n_failed += 1
+            out.rows.append((by_id[rid], None))
             continue
         samples = arrived.setdefault(rid, {})
         samples[int(k)] = json.loads(completion)
@@ -260,10 +257,8 @@ def _write(batch, arrived, want, by_id, store, config, state, progress, failed, 
             continue
         del arrived[rid]
         completions = [samples[i] for i in range(want)]
-        tokens += sum(c["num_tokens"] for c in completions)  # decoded tokens: a greedy sample counts once
-        if want < config.n:  # greedy: one decode, n identical samples (as every backend does)
-            completions = [dict(completions[0]) for _ in range(config.n)]
-        store.append(make(by_id[rid], completions, name, config, state.hash))
-        done += 1
-    store.commit()
-    progress.update(done=done, failed=n_failed, tokens=tokens)
+        out.tokens += sum(c["num_tokens"] for c in completions)  # decoded tokens: a greedy sample counts once
+        if want < n:  # greedy: one decode, n identical samples (as every backend does)
+            completions = [dict(completions[0]) for _ in range(n)]
+        out.rows.append((by_id[rid], completions))
+    return out

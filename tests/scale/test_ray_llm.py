@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from needs import need_module
@@ -157,18 +156,13 @@ def test_ray_llm_greedy_decodes_once_and_skips_too_long_prompts(ray_cluster, tin
 
 
 def test_samples_are_regrouped_by_prompt_and_a_failed_sample_fails_its_prompt(tmp_path):
-    """The driver's side of the processor's output (injected batches, as `should_continue_on_error` emits them):
-    samples arrive in any order across batches; a prompt is written once all n are in, in sample order; an
-    engine error on one sample fails its prompt (not written, counted, its later samples ignored)."""
+    """The executor's side of the processor's output (injected batches, as `should_continue_on_error` emits them):
+    samples arrive in any order across batches; a prompt is finished once all n are in, in sample order; an
+    engine error on one sample fails its prompt once (a failed row for the driver, its later samples ignored)."""
     import pandas as pd
 
-    from prefloop.gen.stage import _candidate
-    from prefloop.progress import Progress
-    from prefloop.ray_llm import _write
-    from prefloop.store import JsonlStore
+    from prefloop.ray_llm import _finished
 
-    cfg = GenerateConfig(model="m", prompts="p.jsonl", out=str(tmp_path / "c.jsonl"), n=2, backend="vllm",
-                         engine="ray-llm")
     by_id = {i: {"id": i, "prompt": f"{i}?"} for i in ("a", "b", "c")}
 
     def sample(text: str) -> str:
@@ -182,12 +176,9 @@ def test_samples_are_regrouped_by_prompt_and_a_failed_sample_fails_its_prompt(tm
     ]
     arrived: dict = {}
     failed: set = set()
-    progress = Progress(3, "generate")
-    with JsonlStore(tmp_path / "c.jsonl") as store:
-        for batch in batches:
-            _write(batch, arrived, 2, by_id, store, cfg, SimpleNamespace(hash="h"), progress, failed, _candidate)
-    progress.close()
-    written = records(tmp_path / "c.jsonl")
-    assert [r["id"] for r in written] == ["a", "b"] and failed == {"c"} and not arrived
-    assert [[c["text"] for c in r["completions"]] for r in written] == [["a0", "a1"], ["b0", "b1"]]
-    assert progress.tokens == 8
+    finished = [_finished(batch, arrived, failed, 2, by_id, 2, "m") for batch in batches]
+    rows = [(prompt["id"], completions) for batch in finished for prompt, completions in batch.rows]
+    assert [rid for rid, c in rows if c is None] == ["c"] and failed == {"c"} and not arrived  # failed once
+    assert [(rid, [c["text"] for c in cs]) for rid, cs in rows if cs is not None] == [
+        ("a", ["a0", "a1"]), ("b", ["b0", "b1"])]
+    assert [b.tokens for b in finished] == [0, 4, 4] and {b.model for b in finished} == {"m"}
