@@ -2,7 +2,9 @@
 
     python bench/demo.py                      # -> bench/results/demo.json (about 5 minutes on 2 cores)
     python bench/demo.py --backend vllm --rounds 2 --out-json bench/results/demo-vllm.json
-    python bench/demo.py --task instructions --out-json bench/results/demo-instructions.json   # SmolLM2, ~30 min
+    python bench/demo.py --task instructions --out-json bench/results/demo-instructions.json   # SmolLM2, ~40 min
+    python bench/demo.py --task instructions --config bench/length_control.yaml \
+        --out-json bench/results/demo-instructions-length.json      # the same with length control on
     python bench/readme.py                    # then the README's tables are rendered from the results
 
 Wall time and peak RSS are the `prefloop demo` command's own (a child process, measured by the OS); the per-round
@@ -26,6 +28,13 @@ from machine import machine
 HERE = Path(__file__).parent
 
 
+def pair_lengths(summary: dict) -> dict:
+    """The pairs phase's length columns (mean chosen and rejected characters, share of pairs whose chosen is
+    longer), for rounds that have them."""
+    keys = ("mean_chosen_chars", "mean_rejected_chars", "chosen_longer_share")
+    return {k: summary[k] for k in keys if k in summary}
+
+
 def rounds_table(run_dir: Path) -> list[dict]:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     out = []
@@ -39,6 +48,7 @@ def rounds_table(run_dir: Path) -> list[dict]:
             "train_s": phases.get("train", {}).get("seconds"),
             "round_s": round(sum(p.get("seconds") or 0 for p in phases.values()), 1),
             "mean_answer_chars": evals.get("mean_length"),
+            **pair_lengths(phases.get("pairs", {}).get("summary", {})),
         })
     return out
 
@@ -48,6 +58,7 @@ def main() -> None:
     parser.add_argument("--task", default="addition", choices=("addition", "instructions"))
     parser.add_argument("--backend", default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--config", default=None, help="YAML over the demo's settings (prefloop demo --config).")
     parser.add_argument("--out-json", default=str(HERE / "results" / "demo.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="prefloop-demo-"))
@@ -56,6 +67,8 @@ def main() -> None:
         command += ["--backend", args.backend]
     if args.rounds is not None:
         command += ["--rounds", str(args.rounds)]
+    if args.config is not None:
+        command += ["--config", args.config]
     started = time.monotonic()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.monotonic() - started
@@ -63,6 +76,7 @@ def main() -> None:
     flags = [f"--task {args.task}"] if args.task != "addition" else []
     flags += [f"--backend {args.backend}"] if args.backend is not None else []
     flags += [f"--rounds {args.rounds}"] if args.rounds is not None else []
+    flags += [f"--config {args.config}"] if args.config is not None else []
     result = {"machine": machine(), "command": " ".join(["prefloop demo", *flags]), "wall_s": round(wall, 1),
               "peak_rss_mb": round(peak_mb), "rounds": rounds_table(work / "run")}
     plain = work / "run" / "plain_questions.json"

@@ -76,6 +76,30 @@ def demo_instructions() -> str:
     return "\n".join([head + said, "", *rows])
 
 
+def length_control() -> str:
+    """The instructions demo with length control off (its default) and on (bench/length_control.yaml)."""
+    off, on = _load("demo-instructions.json"), _load("demo-instructions-length.json")
+    header = ["round", "accuracy off", "accuracy on", "answer chars off", "answer chars on",
+              "chosen / rejected chars off", "chosen / rejected chars on", "pairs off", "pairs on"]
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+
+    def pair(r: dict) -> str:
+        if r.get("mean_chosen_chars") is None:
+            return "–"
+        return f"{r['mean_chosen_chars']:.0f} / {r['mean_rejected_chars']:.0f}"
+
+    for a, b in zip(off["rounds"], on["rounds"], strict=True):
+        label = "0 (base)" if a["round"] == 0 else str(a["round"])
+        rows.append("| " + " | ".join([
+            label, _pct(a["accuracy"]), _pct(b["accuracy"]), _cell(a.get("mean_answer_chars"), "{:.0f}"),
+            _cell(b.get("mean_answer_chars"), "{:.0f}"), pair(a), pair(b), _cell(a["pairs"]), _cell(b["pairs"])]) + " |")
+    head = (f"`{off['command']}` (off) and `{on['command']}` (on), each in a fresh directory on the same machine "
+            f"({off['machine']['cpu']}; `bench/results/demo-instructions.json`, `demo-instructions-length.json`). "
+            "Held-out strict accuracy, mean held-out answer length, and the mean length of the pairs' chosen and "
+            "rejected answers:")
+    return "\n".join([head, "", *rows])
+
+
 def generation() -> str:
     d = _load("gen_throughput.json")
     out = []
@@ -241,7 +265,8 @@ def methods() -> str:
 TABLES: dict[str, Callable[[], str]] = {"demo": demo, "demo_instructions": demo_instructions, "generation": generation,
                                         "reward_model": reward_model, "judges_real": judges_real, "judge_eval": judge_eval,
                                         "defaults": defaults, "methods": methods,
-                                        "generation_smollm2": generation_smollm2, "dpo_smollm2": dpo_smollm2}
+                                        "generation_smollm2": generation_smollm2, "dpo_smollm2": dpo_smollm2,
+                                        "length_control": length_control}
 BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench -->)", re.S)
 
 
