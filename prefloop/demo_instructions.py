@@ -124,7 +124,7 @@ def answer_plain(config: LoopConfig, prompts: Path, policies: dict[int, dict[str
     run_dir = Path(config.out)
     results = {}
     for k, policy in policies.items():
-        settings = {**config.gen, **config.eval, **policy, "prompts": str(prompts),
+        settings = {**config.eval_gen, **policy, "prompts": str(prompts),
                     "out": str(run_dir / f"plain_round_{k:03d}.jsonl"), "n": 1, "temperature": 0.0,
                     "max_new_tokens": PLAIN_TOKENS, "seed": config.seed}
         out = generate(config.stage_config("generate", k, settings))

@@ -125,7 +125,7 @@ class LoopConfig:
             raise ConfigError(f"reference = {self.reference!r}. Fix: use `initial` or `previous`.")
         if self.init == "base" and self.reference == "previous":
             raise ConfigError("init: base with reference: previous is not supported. Fix: use init: previous.")
-        if self.train.get("lora", True) is False and self.init == "previous" and self.reference == "initial":
+        if not self.lora and self.init == "previous" and self.reference == "initial":
             # Full fine-tuning references a frozen copy of the model it starts from, i.e. the previous policy.
             raise ConfigError(
                 "train.lora: false with init: previous gives reference: previous (TRL copies the starting model). "
@@ -142,7 +142,7 @@ class LoopConfig:
             from prefloop.train.launch import launch_config
 
             launch_config(self.train_launcher)
-        self.stage_config("generate", 1, {**self.gen, **self.eval})
+        self.stage_config("generate", 1, self.eval_gen)
         if self.gold_judge:
             try:
                 from_dict(JudgeConfig, {"candidates": "c.jsonl", "out": "gold_judgments.jsonl", **self.gold_judge},
@@ -151,8 +151,8 @@ class LoopConfig:
                 raise ConfigError(str(e) if "gold_judge" in str(e) else f"loop config `gold_judge`: {e}") from None
         evaluator = self.stage_config("judge", 1, self.eval_judge)
         api = any(self._api(stage, values) for stage, values in (
-            ("generate", self.gen), ("generate", {**self.gen, **self.eval}), ("judge", self.judge),
-            ("judge", {**self.judge, **self.eval_judge})))
+            ("generate", self.gen), ("generate", self.eval_gen), ("judge", self.judge),
+            ("judge", self.eval_judging)))
         check_budget(self.max_budget_usd, self.prices, [], api, "loop")  # the stages check their models' prices
         if self.eval_prompts and evaluator.judge == "constitutional" and evaluator.mode == "revise":
             raise ConfigError(
@@ -160,11 +160,25 @@ class LoopConfig:
                 "Fix: set eval_judge, e.g. {judge: constitutional, mode: feedback} or {judge: reward_model, ...}."
             )
 
+    # The stage settings the loop derives, resolved in one place: held-out sampling inherits `gen`, held-out judging
+    # inherits `judge`, and LoRA is on unless `train: {lora: false}`.
+    @property
+    def eval_gen(self) -> dict[str, Any]:
+        return {**self.gen, **self.eval}
+
+    @property
+    def eval_judging(self) -> dict[str, Any]:
+        return {**self.judge, **self.eval_judge}
+
+    @property
+    def lora(self) -> bool:
+        return bool(self.train.get("lora", True))
+
     def stage_config(self, stage: str, k: int, settings: dict[str, Any], **paths: Any) -> Any:
         """The dataclass config of `stage` in round `k`: the loop's settings plus the round's paths."""
         d = Path(self.out) / f"round_{k:03d}"
         if stage == "generate":
-            if self.train.get("lora", True) and "max_lora_rank" not in settings and not settings.get("merge_adapter"):
+            if self.lora and "max_lora_rank" not in settings and not settings.get("merge_adapter"):
                 # vllm builds its engine once, with room for every round's adapter (ignored by other backends).
                 settings = {**settings, "max_lora_rank": self.stage_config("train", k, {}).lora_r}
             values = {"model": self.model, "prompts": str(d / "prompts.jsonl"), "out": str(d / "candidates.jsonl"),
@@ -208,6 +222,18 @@ def _sha256(path: Path) -> str | None:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What samples in a round: the base `model` with a LoRA `adapter` on it, or (full fine-tuning) a whole model
+    and no adapter. The manifest records it as {"model", "adapter"}; `settings()` are the keys every stage reads."""
+
+    model: str
+    adapter: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"model": self.model, "adapter": self.adapter}
+
+
 class Manifest:
     """`manifest.json`: the loop's record of what ran. Rewritten atomically after every phase transition."""
 
@@ -222,11 +248,11 @@ class Manifest:
                          "config": to_dict(config), "status": "running", "rounds": []}
         self.data["config"]["rounds"] = config.rounds
 
-    def round(self, k: int, policy: dict[str, Any]) -> dict[str, Any]:
+    def round(self, k: int, policy: Policy) -> dict[str, Any]:
         while len(self.data["rounds"]) <= k:
             self.data["rounds"].append({"round": len(self.data["rounds"]), "phases": {}})
         entry = self.data["rounds"][k]
-        entry["policy"] = policy
+        entry["policy"] = policy.settings()
         return entry
 
     def phase_done(self, k: int, phase: str) -> bool:
@@ -277,24 +303,24 @@ def _phase(manifest: Manifest, k: int, name: str, fn) -> None:
     manifest.done(k, name, started, output, summary)
 
 
-def _judge_settings(config: LoopConfig, policy: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+def _judge_settings(config: LoopConfig, policy: Policy, settings: dict[str, Any]) -> dict[str, Any]:
     """`judge_model: policy` (self-rewarding) -> the given policy's model and adapter judge."""
     if {**config.judge, **settings}.get("judge_model") != "policy":
         return settings
-    return {**settings, "judge_model": policy["model"], "judge_adapter": policy["adapter"]}
+    return {**settings, "judge_model": policy.model, "judge_adapter": policy.adapter}
 
 
-def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: dict[str, Any], round_dir: Path) -> None:
+def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: Policy, round_dir: Path) -> None:
     if not config.eval_prompts:
         return
 
     def phase():
-        settings = {**config.gen, **config.eval, **policy, "prompts": config.eval_prompts,
+        settings = {**config.eval_gen, **policy.settings(), "prompts": config.eval_prompts,
                     "out": str(round_dir / "eval_candidates.jsonl"), "seed": config.seed}
         gen_cfg = config.stage_config("generate", k, settings)
         candidates = generate(gen_cfg)
         # A self-rewarding judge scores the held-out answers as the initial model: one fixed judge for every round.
-        initial = {"model": config.model, "adapter": None}
+        initial = Policy(config.model)
         judge_cfg = config.stage_config("judge", k, _judge_settings(config, initial, {
             **config.eval_judge, "candidates": str(candidates), "out": str(round_dir / "eval_judgments.jsonl")}))
         if (judge_cfg.judge, judge_cfg.mode) in (("llm", "pairwise"), ("constitutional", "feedback")):
@@ -307,8 +333,8 @@ def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: dict[str, 
     _phase(manifest, k, "eval", phase)
 
 
-def _generate_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
-    out = generate(config.stage_config("generate", k, {**config.gen, **policy}))
+def _generate_phase(config: LoopConfig, k: int, policy: Policy):
+    out = generate(config.stage_config("generate", k, {**config.gen, **policy.settings()}))
     summary = read_summary(out)
     if summary.get("status") != "done":
         raise StageFailed(f"round {k}: generate ended {summary.get('status')} ({summary.get('failed')} of "
@@ -317,7 +343,7 @@ def _generate_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
     return out, {**summary, "mean_length": mean_length(out)}
 
 
-def _judge_phase(config: LoopConfig, k: int, policy: dict[str, Any]):
+def _judge_phase(config: LoopConfig, k: int, policy: Policy):
     out = judge(config.stage_config("judge", k, _judge_settings(config, policy, {})))
     summary = read_summary(out)
     if config.gold_judge:
@@ -345,7 +371,7 @@ def _pairs_phase(config: LoopConfig, k: int, d: Path):
     return out, summary
 
 
-def _train_phase(config: LoopConfig, k: int, d: Path, policy: dict[str, Any]):
+def _train_phase(config: LoopConfig, k: int, d: Path, policy: Policy):
     from prefloop.train.dpo import run as train
 
     if _uses_vllm(config):  # on a GPU, the engine gives its memory back for training
@@ -355,8 +381,8 @@ def _train_phase(config: LoopConfig, k: int, d: Path, policy: dict[str, Any]):
 
     pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else "pairs.jsonl")
     # LoRA: the base stays `config.model` and the policy is its adapter. Full fine-tuning: the policy is a model.
-    start = policy if config.init == "previous" else {"model": config.model, "adapter": None}
-    train_cfg = config.stage_config("train", k, {"pairs": str(pairs_file), **start})
+    start = policy if config.init == "previous" else Policy(config.model)
+    train_cfg = config.stage_config("train", k, {"pairs": str(pairs_file), **start.settings()})
     if config.train_launcher:  # the same config and output dir, trained by `accelerate launch`ed ranks
         from prefloop.train.launch import launch_config, launch_train
 
@@ -368,9 +394,8 @@ def _train_phase(config: LoopConfig, k: int, d: Path, policy: dict[str, Any]):
     return None, summary  # a directory: no single-file checksum
 
 
-def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k: int,
-           policy: dict[str, Any]) -> dict[str, Any]:
-    """Run (or resume) round k, sampling from `policy` ({model, adapter}); return the policy it trains."""
+def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k: int, policy: Policy) -> Policy:
+    """Run (or resume) round k, sampling from `policy`; return the policy it trains."""
     d = Path(config.out) / f"round_{k:03d}"
     manifest.round(k, policy)
     _phase(manifest, k, "prompts", lambda: draw_round(config, pool, k, d))
@@ -378,18 +403,15 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
     _phase(manifest, k, "judge", lambda: _judge_phase(config, k, policy))
     _phase(manifest, k, "pairs", lambda: _pairs_phase(config, k, d))
     _phase(manifest, k, "train", lambda: _train_phase(config, k, d, policy))
-    if config.train.get("lora", True):
-        trained = {"model": config.model, "adapter": str(d / "train" / "adapter")}
-    else:
-        trained = {"model": str(d / "train" / "model"), "adapter": None}
-    manifest.data["rounds"][k]["trained_policy"] = trained
+    trained = Policy(config.model, str(d / "train" / "adapter")) if config.lora else Policy(str(d / "train" / "model"))
+    manifest.data["rounds"][k]["trained_policy"] = trained.settings()
     _evaluate(config, manifest, k, trained, d)
     return trained
 
 
 def _uses_vllm(config: LoopConfig) -> bool:
-    backends = [s.get("backend", "hf") for s in (config.gen, {**config.gen, **config.eval})]
-    for judge_settings in (config.judge, {**config.judge, **config.eval_judge}):
+    backends = [s.get("backend", "hf") for s in (config.gen, config.eval_gen)]
+    for judge_settings in (config.judge, config.eval_judging):
         if judge_settings.get("judge") in ("llm", "constitutional"):
             backends.append(judge_settings.get("judge_backend", "hf"))
     return any(resolve_backend(b) == "vllm" for b in backends)
@@ -407,7 +429,7 @@ def engine_scope(config: LoopConfig):
 def _ray_scope(config: LoopConfig):
     """Phases on `engine: ray` (set per phase: `gen: {engine: ray, ray_actors: 4}`, `judge: {engine: ray}`; eval
     inherits `gen`'s and `judge`'s) share one Ray connection for the whole run instead of one per phase."""
-    phases = [config.gen, {**config.gen, **config.eval}, config.judge, {**config.judge, **config.eval_judge}]
+    phases = [config.gen, config.eval_gen, config.judge, config.eval_judging]
     from prefloop.engine import RAY_ENGINES
     from prefloop.ray_engine import ray_session
 
@@ -440,7 +462,7 @@ def _run_rounds(config: LoopConfig, pool: list[dict[str, Any]], cleaned: dict[st
     manifest.data["status"] = "running"
     manifest.data["decontamination"] = cleaned
 
-    policy: dict[str, Any] = {"model": config.model, "adapter": None}
+    policy = Policy(config.model)
     manifest.round(0, policy)
     manifest.save()  # (with no eval_prompts nothing else writes it before the report reads it)
     _evaluate(config, manifest, 0, policy, root / "round_000")

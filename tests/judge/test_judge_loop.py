@@ -13,7 +13,7 @@ from fake_server import FakeServer, chat_answer
 from prefloop.addition import make_prompts
 from prefloop.errors import StageFailed
 from prefloop.judge.stage import JudgeConfig, run
-from prefloop.loop import LoopConfig, _judge_settings
+from prefloop.loop import LoopConfig, Policy, _judge_settings
 from prefloop.loop import run as run_loop
 from prefloop.runstate import read_summary
 from prefloop.store import dumps, read_records
@@ -85,7 +85,7 @@ def test_pairwise_judge_loop_reports_win_rate_against_round_0(workdir):
 
 def test_self_rewarding_judge_is_the_current_policy(workdir):
     config = loop_config(workdir, "unused", {"judge": "llm", "judge_model": "policy", "mode": "pointwise"})
-    policy = {"model": "base", "adapter": "round_001/train/adapter"}
+    policy = Policy("base", "round_001/train/adapter")
     assert _judge_settings(config, policy, {}) == {"judge_model": "base", "judge_adapter": "round_001/train/adapter"}
     python = loop_config(workdir, "unused", {"judge": "python", "reward_fn": "prefloop.addition:reward"})
     assert _judge_settings(python, policy, {}) == {}

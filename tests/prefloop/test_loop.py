@@ -252,7 +252,7 @@ def test_a_self_rewarding_judge_on_vllm_uses_the_policys_engine_and_adapter(work
     from prefloop.gen.stage import run as generate
     from prefloop.judge.stage import JudgeConfig
     from prefloop.judge.stage import run as judge
-    from prefloop.loop import _judge_settings
+    from prefloop.loop import Policy, _judge_settings
     from prefloop.tiny import TinyConfig, save_tiny
 
     model = save_tiny(tmp_path / "model", TinyConfig(max_position_embeddings=4096))  # room for a judge prompt
@@ -262,14 +262,14 @@ def test_a_self_rewarding_judge_on_vllm_uses_the_policys_engine_and_adapter(work
     built, requests = spy_on_vllm(monkeypatch)
     config = from_dict(LoopConfig, {**loop_values(workdir, str(tmp_path / "run")),
                                     "judge": {"judge": "llm", "judge_model": "policy", "judge_backend": "vllm"}})
-    policy = {"model": str(model), "adapter": str(adapter)}
+    policy = Policy(str(model), str(adapter))
     engine = {"max_model_len": 4096, "kv_cache_memory_bytes": 256 << 20}
     few = tmp_path / "prompts.jsonl"
     few.write_text("".join(dumps(r) for r in make_prompts(4, 0, "train")))
     with vgen.keep_engine():
         candidates = generate(GenerateConfig(prompts=str(few), out=str(tmp_path / "c.jsonl"), n=2,
                                              max_new_tokens=4, backend="vllm", dtype="float32",
-                                             engine_kwargs=engine, **policy))
+                                             engine_kwargs=engine, **policy.settings()))
         settings = _judge_settings(config, policy, {"candidates": str(candidates), "out": str(tmp_path / "j.jsonl")})
         judge(JudgeConfig(**{**config.judge, **settings}, judge_engine={"engine_kwargs": engine}, mode="pointwise",
                           judge_max_new_tokens=4, parse_retries=0, cache="off", dtype="float32",
