@@ -140,12 +140,12 @@ def too_long_message(too_long: list[tuple[dict, int, int]], config: Any, loaded:
     )
 
 
-def check_failed_ceiling(failed: int, total: int, config: Any, out: Path, partial: list | None = None) -> None:
+def check_failed_ceiling(failed: int, total: int, config: Any, out: Path) -> None:
     """More than `max_failed_fraction` of the prompts failed: stop the stage (records on disk are kept)."""
     if failed > config.max_failed_fraction * total:
         raise GenerationAborted(
             f"generate: {failed} of {total} prompts failed, over the ceiling "
             f"max_failed_fraction={config.max_failed_fraction}. Records so far are kept in {out}; "
             "fix the cause and re-run the same command to resume.",
-            partial or [],
+            [],
         )

@@ -277,18 +277,16 @@ def _drive(config: GenerateConfig, state: StageRun, loaded: LoadedPrompts, promp
             progress = Progress(len(prompts) - len(skipped), "generate", initial=resumed)
             stream = executor.batches(todo) if todo else stream
             for batch in stream:
-                n_failed = 0
-                for prompt, completions in batch.rows:
-                    if completions is None:
-                        n_failed += not batch.halted  # the prompts not sent for the budget did not fail
-                        failed += [] if batch.halted else [prompt["id"]]
-                        continue
+                done = [(p, c) for p, c in batch.rows if c is not None]
+                # The prompts a budget halt left unsent did not fail.
+                lost = [] if batch.halted else [p["id"] for p, c in batch.rows if c is None]
+                for prompt, completions in done:
                     store.append(candidate(prompt, completions, batch.model, config, state.hash))
                 store.commit()
+                failed += lost
                 if config.skip_too_long:  # found per batch (ray): counted, never written
                     skipped += [p["id"] for p, _, _ in batch.too_long]
-                progress.update(done=len(batch.rows) - sum(c is None for _, c in batch.rows), failed=n_failed,
-                                tokens=batch.tokens)
+                progress.update(done=len(done), failed=len(lost), tokens=batch.tokens)
                 if meter.active:  # the spend so far, in case this process dies: a resumed run counts on from it
                     state.finish("running", **meter.summary())
                 if batch.too_long and not config.skip_too_long:
