@@ -10,7 +10,11 @@ pairs, or CAI feedback soft labels from log-probs).
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, Protocol, TypedDict
+import importlib
+from typing import TYPE_CHECKING, Any, ClassVar, NotRequired, Protocol, TypedDict
+
+if TYPE_CHECKING:
+    from prefloop.judge.cache import JudgeCache
 
 
 class Verdict(TypedDict):
@@ -36,40 +40,64 @@ class Judge(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("python", "reward_model", "llm", "constitutional")
+class JudgeKind(Protocol):
+    """A judge kind: the small dataclass of the options its judge takes, read from the judge stage's flags.
+
+    One module defines it beside its judge; one line in `KINDS` registers it. The stage, the ensemble and the loop
+    find kinds only through `KINDS`, so adding a judge touches nothing else (docs/architecture.md "Adding a judge").
+    """
+
+    generator: ClassVar[bool]  # it runs on a generation backend (--judge-backend): API budgets, vLLM engines
+    cached: ClassVar[bool]  # its answers are worth caching (model judges): the stage opens a `JudgeCache` for it
+
+    @classmethod
+    def from_config(cls, config: Any) -> JudgeKind:
+        """This kind's options from a `JudgeConfig`, checked without loading anything: a `ConfigError` names the
+        flag and the fix."""
+        ...
+
+    def derived(self) -> dict[str, Any]:
+        """Values the stage config records for its drift check (a default mode, a template's hash)."""
+        ...
+
+    def first_label(self) -> str:
+        """The label a pairwise verdict gives the first position (judge stats' position bias)."""
+        ...
+
+    def api_models(self) -> list[str]:
+        """The models this judge sends API requests to: what a budget needs prices for."""
+        ...
+
+    def pairwise(self) -> bool:
+        """Whether its verdicts compare candidates instead of scoring each: the loop then scores held-out answers
+        as a win rate against round 0's."""
+        ...
+
+    def rewrites(self) -> bool:
+        """Whether it adds a completion of its own (a revision): it cannot score held-out answers or sit in an
+        ensemble."""
+        ...
+
+    def load(self, cache: JudgeCache | None) -> Judge: ...
 
 
-def load_judge(kind: str, **options: Any) -> Judge:
-    """Construct the named judge; `options` as `JudgeConfig.judge_options()` gives them."""
-    if kind == "python":
-        from prefloop.judge.python import PythonJudge
+# The judge kinds, by name: "module:Class" of each kind's options (imported when used).
+KINDS = {
+    "python": "prefloop.judge.python:PythonOptions",
+    "reward_model": "prefloop.judge.reward_model:RewardModelOptions",
+    "llm": "prefloop.judge.llm:LLMOptions",
+    "constitutional": "prefloop.judge.constitutional:ConstitutionalOptions",
+}
 
-        return PythonJudge(options["reward_fn"], batch_size=options.get("batch_size", 256))
-    if kind == "reward_model":
-        from prefloop.judge.cache import CachedJudge
-        from prefloop.judge.reward_model import RewardModelJudge
 
-        cache = options.pop("cache", None)
-        judge = RewardModelJudge(**options)
-        return CachedJudge(judge, cache) if cache is not None else judge
-    if kind == "llm":
-        from prefloop.gen import load_generator
-        from prefloop.judge.llm import LLMJudge
+def judge_kind(name: str) -> type[JudgeKind]:
+    """The options class registered as `name` (a ValueError lists the kinds)."""
+    if name not in KINDS:
+        raise ValueError(f"unknown judge {name!r}; choose one of: {', '.join(KINDS)}")
+    module, _, attr = KINDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
-        generator = load_generator(options.pop("backend"), options.pop("model"), adapter=options.pop("adapter"),
-                                   **options.pop("backend_options"))
-        return LLMJudge(generator, **options)
-    if kind == "constitutional":
-        from prefloop.gen import load_generator
-        from prefloop.judge.constitutional import ConstitutionalJudge
 
-        generator = load_generator(options.pop("backend"), options.pop("model"), adapter=options.pop("adapter"),
-                                   **options.pop("backend_options"))
-        verifier = options.pop("verifier", None)
-        try:
-            verifier = load_judge(verifier.pop("judge"), **verifier) if verifier else None
-        except BaseException:
-            generator.close()
-            raise
-        return ConstitutionalJudge(generator, verifier=verifier, **options)
-    raise ValueError(f"unknown judge {kind!r}; choose one of: {', '.join(BACKENDS)}")
+def uses_generator(name: Any) -> bool:
+    """Whether judge settings naming `name` run on a generation backend (False for ensembles and non-kinds)."""
+    return name in KINDS and judge_kind(name).generator

@@ -26,13 +26,15 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from prefloop.config import ConfigError
 from prefloop.gen import Sampling
 from prefloop.judge import Verdict
 from prefloop.judge.cache import JudgeCache
-from prefloop.judge.constitution import Constitution, Principle
-from prefloop.judge.llm import complete, too_long
+from prefloop.judge.constitution import Constitution, Principle, load_constitution
+from prefloop.judge.llm import Backend, check_model_judge, complete, too_long
 from prefloop.judge.templates import TOKEN_JUNK, escape, fenced_prompt
 from prefloop.judge.tournament import Match, entrants, knockout
 
@@ -304,3 +306,72 @@ class ConstitutionalJudge:
         self.generator.close()
         if self.verifier is not None:
             self.verifier.close()
+
+
+@dataclass
+class ConstitutionalOptions:
+    """The `constitutional` judge kind (registered in `prefloop.judge.KINDS`): a constitution, a mode and its
+    settings; in revise mode, optionally a verifier (another judge's `JudgeConfig`) that must prefer the revision."""
+
+    backend: Backend
+    mode: str
+    constitution: Constitution
+    constitution_name: str
+    revisions: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    principles_per_comparison: int = 1
+    cot: bool = False
+    cot_clamp: tuple[float, float] = (0.4, 0.6)
+    min_confidence: float = 0.5
+    top_logprobs: int = 20
+    verifier: Any = None
+
+    generator: ClassVar[bool] = True
+    cached: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> ConstitutionalOptions:
+        mode = check_model_judge(config, "constitutional", MODES)
+        if not config.constitution:
+            raise ConfigError("--judge constitutional needs --constitution NAME|FILE (e.g. harmless).")
+        try:
+            constitution = load_constitution(config.constitution)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+        verifier = config.verifier_config() if config.verifier else None  # a bad verifier fails now, not later
+        return cls(Backend.from_config(config), mode, constitution, config.constitution, config.revisions,
+                   config.judge_max_new_tokens, config.judge_temperature, config.seed,
+                   config.principles_per_comparison, config.cot, tuple(config.cot_clamp), config.min_confidence,
+                   max(config.top_logprobs, 20), verifier)
+
+    def derived(self) -> dict[str, Any]:
+        return {"mode": self.mode, "constitution_sha256": self.constitution.sha256}
+
+    def first_label(self) -> str:
+        return "A"
+
+    def api_models(self) -> list[str]:
+        return self.backend.api_models() + (self.verifier.api_models() if self.verifier else [])
+
+    def pairwise(self) -> bool:
+        return self.mode == "feedback"
+
+    def rewrites(self) -> bool:
+        return self.mode == "revise"
+
+    def load(self, cache: JudgeCache | None = None) -> ConstitutionalJudge:
+        generator, engine = self.backend.load()
+        try:
+            verifier = self.verifier.load_judge() if self.verifier else None
+        except BaseException:
+            generator.close()
+            raise
+        info = {"engine": engine, "model": self.backend.model, "adapter": self.backend.adapter, "mode": self.mode,
+                "constitution": self.constitution_name}
+        return ConstitutionalJudge(
+            generator, self.constitution, self.mode, revisions=self.revisions, max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, seed=self.seed, principles_per_comparison=self.principles_per_comparison,
+            cot=self.cot, cot_clamp=self.cot_clamp, min_confidence=self.min_confidence,
+            top_logprobs=self.top_logprobs, verifier=verifier, cache=cache, info=info)

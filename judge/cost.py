@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefloop.gen.cost import TokenCounter, cost_lines, price_of, spent_on
+from prefloop.judge import uses_generator
 from prefloop.judge.templates import messages, render
 from prefloop.judge.tournament import entrants
 from prefloop.store import read_ids
@@ -74,7 +75,7 @@ def dry_run(config: Any, rows: list[dict[str, Any]]) -> str:
     todo = [r for r in rows if r["id"] not in done]
     head = (f"prefloop judge --dry-run: nothing sent, nothing written. {len(todo)} rows to judge "
             f"({len(rows) - len(todo)} already in {config.out}).")
-    if config.judge in ("python", "reward_model"):
+    if not uses_generator(config.judge):
         return f"{head}\n  cost: none billed (judge {config.judge} runs locally)"
     if not estimable(config):
         return (f"{head}\n  no estimate: a {config.judge} judge's requests depend on its own answers "

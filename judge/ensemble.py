@@ -48,7 +48,7 @@ import yaml
 
 from prefloop.config import ConfigError, config_hash, from_dict, hashed_dict
 from prefloop.errors import PrefloopError
-from prefloop.judge import BACKENDS, load_judge
+from prefloop.judge import KINDS
 from prefloop.judge.stage import JudgeConfig, load_candidates
 from prefloop.judge.stage import run as run_judge
 from prefloop.judge.stats import judge_stats
@@ -117,21 +117,23 @@ def member_configs(config: JudgeConfig) -> list[JudgeConfig]:
         if kind == "ensemble":
             raise ConfigError(f"{where}: an ensemble cannot be a member of an ensemble. Fix: list its members in "
                               "this ensemble's members instead.")
-        if kind not in BACKENDS:
+        if kind not in KINDS:
             what = "has no `judge` key" if kind is None else f"has judge {kind!r}, which is not a judge kind"
-            raise ConfigError(f"{where} {what}. Fix: set judge to one of {', '.join(BACKENDS)}.")
+            raise ConfigError(f"{where} {what}. Fix: set judge to one of {', '.join(KINDS)}.")
         for key in ("candidates", "out"):
             if key in member:
                 raise ConfigError(f"{where} sets `{key}`, which the ensemble sets for every member. Fix: remove it.")
-        if kind == "constitutional" and member.get("mode", "revise") == "revise":
-            raise ConfigError(f"{where}: constitutional revise adds a revised answer the other members never judge. "
-                              "Fix: use mode: feedback in an ensemble.")
         values = {**{k: getattr(config, k) for k in INHERITED}, **member, "candidates": config.candidates,
                   "out": str(members_dir(config.out) / f"{i}.jsonl")}
         try:
-            out.append(from_dict(JudgeConfig, values, where))
+            member_config = from_dict(JudgeConfig, values, where)
         except ConfigError as e:
             raise ConfigError(str(e) if str(e).startswith(where) else f"{where} ({kind}): {e}") from None
+        if member_config.options().rewrites():
+            raise ConfigError(f"{where}: {kind} {member_config.mode} adds an answer of its own, which the other "
+                              "members never judge. Fix: use a judge that scores or compares, e.g. constitutional "
+                              "with mode: feedback.")
+        out.append(member_config)
     return out
 
 
@@ -143,7 +145,7 @@ def run(config: JudgeConfig) -> Path:
     for i, member in enumerate(members):
         if member.judge == "python":  # cheap to load: a wrong --reward-fn fails before any member runs
             try:
-                load_judge("python", **member.judge_options()).close()
+                member.options().load().close()
             except (ValueError, AttributeError, ImportError, FileNotFoundError, OSError) as e:
                 raise ConfigError(f"members[{i}] (python): {e}. Fix: point reward_fn at FILE.py:function.") from None
     state = StageRun("judge", out, config)

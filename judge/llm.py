@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from prefloop.gen import GenerationAborted, Sampling, encode_prompt
+from prefloop.config import ConfigError
+from prefloop.gen import BACKENDS as GEN_BACKENDS
+from prefloop.gen import GenerationAborted, Sampling, encode_prompt, load_generator, resolve_backend
 from prefloop.judge import Verdict
 from prefloop.judge.cache import JudgeCache
-from prefloop.judge.templates import Template, messages, parse, render, verdict_probabilities
+from prefloop.judge.templates import Template, load_template, messages, parse, render, verdict_probabilities
 from prefloop.judge.tournament import Match, knockout
 
 log = logging.getLogger(__name__)
@@ -223,3 +226,111 @@ def complete(generator, inputs: list[Any], sampling: Sampling, cache: JudgeCache
         if aborted is not None:
             raise aborted
     return out, len(missing)
+
+
+def check_model_judge(config: Any, kind: str, modes: tuple[str, ...]) -> str:
+    """The flags a judge on a generation backend (llm, constitutional) shares, checked; returns its mode (the
+    first of `modes` by default)."""
+    mode = config.mode or modes[0]
+    if mode not in modes:
+        raise ConfigError(f"--judge {kind} --mode {mode!r}. Fix: use one of {', '.join(modes)}.")
+    if not config.judge_model:
+        raise ConfigError(f"--judge {kind} needs --judge-model (a model path, hub id, or server model name).")
+    if config.judge_backend not in GEN_BACKENDS:
+        raise ConfigError(f"judge_backend = {config.judge_backend!r}. Fix: use one of {', '.join(GEN_BACKENDS)}.")
+    if config.judge_backend == "openai" and not config.base_url:
+        raise ConfigError("--judge-backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1).")
+    if config.parse_retries < 0 or config.top_logprobs < 0 or config.judge_max_new_tokens < 1:
+        raise ConfigError("need parse_retries >= 0, top_logprobs >= 0 and judge_max_new_tokens >= 1.")
+    if len(config.cot_clamp) != 2 or not 0 <= config.cot_clamp[0] <= 0.5 <= config.cot_clamp[1] <= 1:
+        raise ConfigError("cot_clamp must be two probabilities around 0.5, e.g. [0.4, 0.6].")
+    return mode
+
+
+@dataclass
+class Backend:
+    """The generation backend a model judge runs on: --judge-backend, --judge-model, --judge-adapter, and the
+    backend's options (--judge-engine over the defaults below)."""
+
+    name: str  # hf, vllm, openai or auto (resolved when loaded)
+    model: str
+    adapter: str | None
+    dtype: str
+    batch_size: int
+    base_url: str | None
+    api_key_env: str
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, config: Any) -> Backend:
+        return cls(config.judge_backend, config.judge_model, config.judge_adapter, config.dtype, config.batch_size,
+                   config.base_url, config.api_key_env, dict(config.judge_engine))
+
+    def load(self) -> tuple[Any, str]:
+        """The generator, and the backend name `auto` resolved to."""
+        name = resolve_backend(self.name)
+        if name == "openai":
+            options: dict[str, Any] = {"base_url": self.base_url, "api_key_env": self.api_key_env}
+        elif name == "hf":
+            options = {"dtype": self.dtype, "batch_size": min(self.batch_size, 64)}
+        else:
+            options = {"dtype": self.dtype}
+        return load_generator(name, self.model, adapter=self.adapter, **{**options, **self.extra}), name
+
+    def api_models(self) -> list[str]:
+        return [self.model] if self.name == "openai" else []
+
+
+@dataclass
+class LLMOptions:
+    """The `llm` judge kind (registered in `prefloop.judge.KINDS`): a template and the judge's sampling."""
+
+    backend: Backend
+    mode: str
+    template: Template
+    template_name: str
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_logprobs: int = 5
+    parse_retries: int = 2
+    retry_temperature: float = 0.7
+    seed: int = 0
+    chat: bool = True
+
+    generator: ClassVar[bool] = True
+    cached: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> LLMOptions:
+        mode = check_model_judge(config, "llm", ("pairwise", "pointwise"))
+        try:
+            template = load_template(config.template, mode)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+        return cls(Backend.from_config(config), mode, template, config.template or mode, config.judge_max_new_tokens,
+                   config.judge_temperature, config.top_logprobs, config.parse_retries, config.retry_temperature,
+                   config.seed, config.judge_chat)
+
+    def derived(self) -> dict[str, Any]:
+        return {"mode": self.mode, "template_sha256": self.template.sha256}
+
+    def first_label(self) -> str:
+        return self.template.labels[0] if self.mode == "pairwise" else "A"
+
+    def api_models(self) -> list[str]:
+        return self.backend.api_models()
+
+    def pairwise(self) -> bool:
+        return self.mode == "pairwise"
+
+    def rewrites(self) -> bool:
+        return False
+
+    def load(self, cache: JudgeCache | None = None) -> LLMJudge:
+        generator, engine = self.backend.load()
+        info = {"engine": engine, "model": self.backend.model, "adapter": self.backend.adapter, "mode": self.mode,
+                "template": self.template_name}
+        return LLMJudge(generator, self.template, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                        top_logprobs=self.top_logprobs, parse_retries=self.parse_retries,
+                        retry_temperature=self.retry_temperature, seed=self.seed, chat=self.chat, cache=cache,
+                        info=info)

@@ -18,9 +18,11 @@ import importlib.util
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from prefloop.config import ConfigError
 from prefloop.judge import Verdict
 
 RewardFn = Callable[..., list]
@@ -118,3 +120,38 @@ class PythonJudge:
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class PythonOptions:
+    """The `python` judge kind (registered in `prefloop.judge.KINDS`): --reward-fn and --batch-size."""
+
+    reward_fn: str
+    batch_size: int = 256
+
+    generator: ClassVar[bool] = False
+    cached: ClassVar[bool] = False  # a function is cheap to re-run, and its file may change under the same name
+
+    @classmethod
+    def from_config(cls, config: Any) -> PythonOptions:
+        if not config.reward_fn:
+            raise ConfigError("--judge python needs --reward-fn FILE.py:function (or module:function).")
+        return cls(config.reward_fn, config.batch_size)
+
+    def derived(self) -> dict[str, Any]:
+        return {}
+
+    def first_label(self) -> str:
+        return "A"
+
+    def api_models(self) -> list[str]:
+        return []
+
+    def pairwise(self) -> bool:
+        return False
+
+    def rewrites(self) -> bool:
+        return False
+
+    def load(self, cache: Any = None) -> PythonJudge:
+        return PythonJudge(self.reward_fn, batch_size=self.batch_size)

@@ -22,12 +22,15 @@ from __future__ import annotations
 import gc
 import logging
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from prefloop.config import ConfigError
 from prefloop.device import resolve_device, resolve_dtype
 from prefloop.judge import Verdict
+from prefloop.judge.cache import CachedJudge, JudgeCache
 from prefloop.records import Prompt
 
 log = logging.getLogger(__name__)
@@ -153,7 +156,6 @@ class RewardModelJudge:
 def _resolve(model: str) -> str:
     """The reward model's path (`prefloop.models`: a local path that is not a model says so and is never looked up
     on the hub). GGUF files and `prefloop train` outputs hold policies (causal LMs), not reward models: refused."""
-    from prefloop.config import ConfigError
     from prefloop.models import is_gguf, is_train_output, resolve_model
 
     if is_gguf(model) or is_train_output(model):
@@ -178,3 +180,45 @@ def _output_column(config, output: str | int) -> int:
         return labels[text]
     raise ValueError(f"rm_output {output!r} is neither an index (0..{n - 1}) nor a label "
                      f"({', '.join(labels) or 'the model has no id2label'}).")
+
+
+@dataclass
+class RewardModelOptions:
+    """The `reward_model` judge kind (registered in `prefloop.judge.KINDS`): --reward-model and its --rm-* flags."""
+
+    model: str
+    batch_size: int = 32
+    dtype: str = "auto"
+    output: str = "0"
+    template: str = "auto"
+    max_length: int | None = None
+
+    generator: ClassVar[bool] = False
+    cached: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> RewardModelOptions:
+        if not config.reward_model:
+            raise ConfigError("--judge reward_model needs --reward-model PATH (a sequence-classification model).")
+        return cls(config.reward_model, config.batch_size, config.dtype, config.rm_output, config.rm_template,
+                   config.max_length)
+
+    def derived(self) -> dict[str, Any]:
+        return {}
+
+    def first_label(self) -> str:
+        return "A"
+
+    def api_models(self) -> list[str]:
+        return []
+
+    def pairwise(self) -> bool:
+        return False
+
+    def rewrites(self) -> bool:
+        return False
+
+    def load(self, cache: JudgeCache | None = None) -> RewardModelJudge | CachedJudge:
+        judge = RewardModelJudge(self.model, batch_size=self.batch_size, dtype=self.dtype, output=self.output,
+                                 template=self.template, max_length=self.max_length)
+        return CachedJudge(judge, cache) if cache is not None else judge

@@ -30,11 +30,8 @@ from prefloop.budget import Meter, check_budget
 from prefloop.config import ConfigError, config_hash, field, from_dict, hashed_dict
 from prefloop.engine import check_engine, load_executor
 from prefloop.errors import StageFailed
-from prefloop.gen import BACKENDS as GEN_BACKENDS
-from prefloop.gen import resolve_backend
-from prefloop.judge import BACKENDS, Judge, load_judge
+from prefloop.judge import KINDS, Judge, JudgeKind, judge_kind
 from prefloop.judge.cache import JudgeCache, fingerprint, resolve_dir
-from prefloop.judge.constitution import load_constitution
 from prefloop.judge.stats import FAILURES, judge_stats
 from prefloop.judge.templates import Template, load_template
 from prefloop.lock import exclusive
@@ -53,7 +50,7 @@ JUDGE_EXECUTORS = {"local": "prefloop.judge.stage:LocalJudges", "ray": "prefloop
 class JudgeConfig:
     candidates: str = field(help="Candidates JSONL written by `prefloop generate`.")
     out: str = field(help="Judgments JSONL to write (appended to on resume).", hash=False)
-    judge: str = field("python", help=f"Judge: {', '.join(BACKENDS)}, or ensemble (several of them, combined).")
+    judge: str = field("python", help=f"Judge: {', '.join(KINDS)}, or ensemble (several of them, combined).")
     reward_fn: str | None = field(None, help="python: FILE.py:function or module:function.")
     # ensemble (judge/ensemble.py)
     members: Any = field(None, help="ensemble: the member judges, one judge config each (the keys of `prefloop "
@@ -149,47 +146,33 @@ class JudgeConfig:
 
             check(self)
             return
-        if self.judge not in BACKENDS:
-            raise ConfigError(f"judge = {self.judge!r}. Fix: use one of {', '.join(BACKENDS)}, ensemble.")
-        if self.judge == "python" and not self.reward_fn:
-            raise ConfigError("--judge python needs --reward-fn FILE.py:function (or module:function).")
-        if self.judge == "reward_model" and not self.reward_model:
-            raise ConfigError("--judge reward_model needs --reward-model PATH (a sequence-classification model).")
-        if self.judge in ("llm", "constitutional"):
-            modes = ("pairwise", "pointwise") if self.judge == "llm" else ("revise", "feedback")
-            self.mode = self.mode or modes[0]
-            if self.mode not in modes:
-                raise ConfigError(f"--judge {self.judge} --mode {self.mode!r}. Fix: use one of {', '.join(modes)}.")
-            if not self.judge_model:
-                raise ConfigError("--judge llm needs --judge-model (a model path, hub id, or server model name).")
-            if self.judge_backend not in GEN_BACKENDS:
-                raise ConfigError(f"judge_backend = {self.judge_backend!r}. Fix: use one of {', '.join(GEN_BACKENDS)}.")
-            if self.judge_backend == "openai" and not self.base_url:
-                raise ConfigError("--judge-backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1).")
-            if self.parse_retries < 0 or self.top_logprobs < 0 or self.judge_max_new_tokens < 1:
-                raise ConfigError("need parse_retries >= 0, top_logprobs >= 0 and judge_max_new_tokens >= 1.")
-            try:
-                if self.judge == "llm":
-                    self.template_sha256 = self.load_template().sha256
-                else:
-                    if not self.constitution:
-                        raise ValueError("--judge constitutional needs --constitution NAME|FILE (e.g. harmless).")
-                    self.constitution_sha256 = load_constitution(self.constitution).sha256
-            except (ValueError, FileNotFoundError) as e:
-                raise ConfigError(str(e)) from None
-            if len(self.cot_clamp) != 2 or not 0 <= self.cot_clamp[0] <= 0.5 <= self.cot_clamp[1] <= 1:
-                raise ConfigError("cot_clamp must be two probabilities around 0.5, e.g. [0.4, 0.6].")
-            if self.verifier and self.judge == "constitutional":
-                self.verifier_config()  # fails now on a bad verifier, not after the revisions
-        models = self.api_models()
+        if self.judge not in KINDS:
+            raise ConfigError(f"judge = {self.judge!r}. Fix: use one of {', '.join(KINDS)}, ensemble.")
+        options = self.options()
+        for key, value in options.derived().items():
+            setattr(self, key, value)
+        models = options.api_models()
         check_budget(self.max_budget_usd, self.prices, models, bool(models), "judge")
+
+    def options(self) -> JudgeKind:
+        """This judge kind's options (`prefloop.judge.KINDS`), read from these flags and checked."""
+        return judge_kind(self.judge).from_config(self)
 
     def api_models(self) -> list[str]:
         """The models this judge sends API requests to (its own, its verifier's): what a budget needs prices for."""
-        if self.judge not in ("llm", "constitutional") or self.judge_backend != "openai":
-            return []
-        verifier = self.verifier_config().api_models() if self.verifier and self.judge == "constitutional" else []
-        return [str(self.judge_model), *verifier]
+        return [] if self.judge == "ensemble" else self.options().api_models()
+
+    def load_judge(self) -> Judge:
+        """The judge these flags name, loaded (a bad --reward-fn, model or template: one ConfigError)."""
+        options = self.options()
+        try:
+            return options.load(self.judge_cache() if options.cached else None)
+        except (ValueError, AttributeError, ImportError, FileNotFoundError, OSError) as e:
+            raise ConfigError(f"--judge {self.judge}: {e}") from None
+
+    def judge_cache(self) -> JudgeCache | None:
+        directory = resolve_dir(self.cache)
+        return JudgeCache(directory, config_hash(self.identity())) if directory else None
 
     def verifier_config(self) -> JudgeConfig:
         values = {"candidates": self.candidates, "out": self.out, "cache": self.cache, "dtype": self.dtype,
@@ -209,46 +192,6 @@ class JudgeConfig:
         values.update(reward_model=fingerprint(self.reward_model), judge_model=fingerprint(self.judge_model),
                       judge_adapter=fingerprint(self.judge_adapter), dtype=self.dtype)
         return values
-
-    def _backend_options(self, backend: str) -> dict[str, Any]:
-        if backend == "openai":
-            options = {"base_url": self.base_url, "api_key_env": self.api_key_env}
-        elif backend == "hf":
-            options = {"dtype": self.dtype, "batch_size": min(self.batch_size, 64)}
-        else:
-            options = {"dtype": self.dtype}
-        return {**options, **self.judge_engine}
-
-    def judge_options(self) -> dict[str, Any]:
-        if self.judge == "python":
-            return {"reward_fn": self.reward_fn, "batch_size": self.batch_size}
-        directory = resolve_dir(self.cache)
-        cache = JudgeCache(directory, config_hash(self.identity())) if directory else None
-        if self.judge == "reward_model":
-            return {"model": self.reward_model, "batch_size": self.batch_size, "dtype": self.dtype,
-                    "output": self.rm_output, "template": self.rm_template, "max_length": self.max_length,
-                    "cache": cache}
-        backend = resolve_backend(self.judge_backend)
-        if self.judge == "constitutional":
-            verifier = self.verifier_config() if self.verifier else None
-            return {"backend": backend, "model": self.judge_model, "adapter": self.judge_adapter,
-                    "backend_options": self._backend_options(backend),
-                    "constitution": load_constitution(self.constitution), "mode": self.mode,
-                    "revisions": self.revisions, "max_new_tokens": self.judge_max_new_tokens,
-                    "temperature": self.judge_temperature, "seed": self.seed,
-                    "principles_per_comparison": self.principles_per_comparison, "cot": self.cot,
-                    "cot_clamp": tuple(self.cot_clamp), "min_confidence": self.min_confidence,
-                    "top_logprobs": max(self.top_logprobs, 20), "cache": cache,
-                    "verifier": {"judge": verifier.judge, **verifier.judge_options()} if verifier else None,
-                    "info": {"engine": backend, "model": self.judge_model, "adapter": self.judge_adapter,
-                             "mode": self.mode, "constitution": self.constitution}}
-        return {"backend": backend, "model": self.judge_model, "adapter": self.judge_adapter,
-                "backend_options": self._backend_options(backend), "template": self.load_template(),
-                "max_new_tokens": self.judge_max_new_tokens, "temperature": self.judge_temperature,
-                "top_logprobs": self.top_logprobs, "parse_retries": self.parse_retries,
-                "retry_temperature": self.retry_temperature, "seed": self.seed, "chat": self.judge_chat,
-                "cache": cache, "info": {"engine": backend, "model": self.judge_model, "adapter": self.judge_adapter,
-                                         "mode": self.mode, "template": self.template or self.mode}}
 
 
 def load_candidates(path: str | Path) -> list[dict[str, Any]]:
@@ -294,7 +237,7 @@ def _run(config: JudgeConfig) -> Path:
     rows = load_candidates(config.candidates)
     # A python judge loads before anything is written: a wrong --reward-fn must fail without leaving an output.
     # Model judges load only when there is work (they are slow to load, and a finished stage needs none).
-    judge_ = load_configured_judge(config) if config.judge == "python" else None
+    judge_ = config.load_judge() if config.judge == "python" else None
     state = StageRun("judge", out, config)
     if state.begin(config.new_run) == "done":
         log.info("%s is complete (config %s); nothing to do", out, state.hash)
@@ -335,7 +278,7 @@ def _run(config: JudgeConfig) -> Path:
             progress.close()
             executor.close()
 
-    stats = judge_stats((row for _, row in iter_records(out)), first_label=_first_label(config))
+    stats = judge_stats((row for _, row in iter_records(out)), first_label=config.options().first_label())
     state.finish("done", prompts=len(rows), judged=len(todo), completion_statuses=dict(tally.statuses),
                  stats=stats, failed_units=tally.failed, **executor.summary(), **meter.summary())
     failures = {f"{f}_rate": stats[f"{f}_rate"] for f in FAILURES if stats.get(f"{f}_rate")}
@@ -390,7 +333,7 @@ class LocalJudges:
 
     def batches(self, todo: list[dict[str, Any]]) -> Iterator[list[tuple[dict[str, Any], dict[str, Any], Judge]]]:
         for start in range(0, len(todo), self.config.chunk_size):
-            self.judge = self.judge or load_configured_judge(self.config)
+            self.judge = self.judge or self.config.load_judge()
             chunk = todo[start : start + self.config.chunk_size]
             if self.meter is not None:  # counts the judge's API requests; with a budget, checks the chunk first
                 self.meter.watch(self.judge)
@@ -418,20 +361,6 @@ class LocalJudges:
     def close(self) -> None:
         if self.judge is not None:
             self.judge.close()
-
-
-def load_configured_judge(config: JudgeConfig) -> Judge:
-    """The judge `config` names, loaded (a bad --reward-fn, model or template: one ConfigError)."""
-    try:
-        return load_judge(config.judge, **config.judge_options())
-    except (ValueError, AttributeError, ImportError, FileNotFoundError, OSError) as e:
-        raise ConfigError(f"--judge {config.judge}: {e}") from None
-
-
-def _first_label(config: JudgeConfig) -> str:
-    if config.judge == "llm" and config.mode == "pairwise":
-        return config.load_template().labels[0]
-    return "A"
 
 
 def _judgment(row: dict[str, Any], verdict: dict[str, Any], judge: Judge, chash: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from prefloop.errors import BudgetExceeded, StageFailed
 from prefloop.gen import resolve_backend
 from prefloop.gen.stage import GenerateConfig
 from prefloop.gen.stage import run as generate
+from prefloop.judge import uses_generator
 from prefloop.judge.pairs import PairsConfig
 from prefloop.judge.pairs import run as select_pairs
 from prefloop.judge.stage import JudgeConfig
@@ -154,7 +155,7 @@ class LoopConfig:
             ("generate", self.gen), ("generate", self.eval_gen), ("judge", self.judge),
             ("judge", self.eval_judging)))
         check_budget(self.max_budget_usd, self.prices, [], api, "loop")  # the stages check their models' prices
-        if self.eval_prompts and evaluator.judge == "constitutional" and evaluator.mode == "revise":
+        if self.eval_prompts and evaluator.judge != "ensemble" and evaluator.options().rewrites():
             raise ConfigError(
                 "held-out eval cannot use a constitutional reviser (it rewrites answers, it does not score them). "
                 "Fix: set eval_judge, e.g. {judge: constitutional, mode: feedback} or {judge: reward_model, ...}."
@@ -205,7 +206,7 @@ class LoopConfig:
         """Whether a generate or judge stage with these settings sends API requests (the openai backend)."""
         if stage == "generate":
             return values.get("backend") == "openai"
-        return values.get("judge") in ("llm", "constitutional") and values.get("judge_backend") == "openai"
+        return uses_generator(values.get("judge")) and values.get("judge_backend") == "openai"
 
     def _spend(self, stage: str, values: dict[str, Any]) -> dict[str, Any]:
         """An API stage's settings with the loop's prices and budget, and what the run's other stages spent."""
@@ -323,7 +324,7 @@ def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: Policy, ro
         initial = Policy(config.model)
         judge_cfg = config.stage_config("judge", k, _judge_settings(config, initial, {
             **config.eval_judge, "candidates": str(candidates), "out": str(round_dir / "eval_judgments.jsonl")}))
-        if (judge_cfg.judge, judge_cfg.mode) in (("llm", "pairwise"), ("constitutional", "feedback")):
+        if judge_cfg.judge != "ensemble" and judge_cfg.options().pairwise():
             judgments, summary = pairwise_eval(config, judge_cfg, k, candidates, round_dir)
         else:
             judgments = judge(judge_cfg)
@@ -412,7 +413,7 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
 def _uses_vllm(config: LoopConfig) -> bool:
     backends = [s.get("backend", "hf") for s in (config.gen, config.eval_gen)]
     for judge_settings in (config.judge, config.eval_judging):
-        if judge_settings.get("judge") in ("llm", "constitutional"):
+        if uses_generator(judge_settings.get("judge")):
             backends.append(judge_settings.get("judge_backend", "hf"))
     return any(resolve_backend(b) == "vllm" for b in backends)
 

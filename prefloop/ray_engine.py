@@ -41,7 +41,6 @@ from typing import Any
 
 from prefloop.config import ConfigError
 from prefloop.gen.executor import Finished, prompt_seed
-from prefloop.judge.stage import load_configured_judge
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +249,11 @@ def _finished(batch: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> Finish
 
 
 class JudgeActor:
-    """One replica: loads prefloop's Judge once (`judge.stage.load_configured_judge`); each call judges one batch."""
+    """One replica: loads prefloop's Judge once (`JudgeConfig.load_judge`); each call judges one batch."""
 
     def __init__(self, config: Any, cwd: str) -> None:
         _enter(cwd)
-        self.judge = load_configured_judge(config)
+        self.judge = config.load_judge()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         rows = [json.loads(r) for r in batch["row"]]

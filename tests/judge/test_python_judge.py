@@ -8,8 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from prefloop.judge import load_judge
-from prefloop.judge.python import PythonJudge, load_function
+from prefloop.judge.python import PythonJudge, PythonOptions, load_function
 
 
 def _row(rid: str, prompt, texts: list[str], **columns) -> dict:
@@ -145,7 +144,7 @@ def test_load_function_from_file_and_module(tmp_path):
     """))
     fn = load_function(f"{path}:exact")
     assert fn([""], ["4"], answer=["4"]) == [1.0]
-    judge = load_judge("python", reward_fn="prefloop.addition:reward")
+    judge = PythonOptions("prefloop.addition:reward").load()
     assert judge.name == "python:prefloop.addition:reward"
     (verdict,) = judge.judge([_row("a", "2+2=", ["4", "5"], answer="4")])
     assert verdict["scores"] == [1.0, 0.0]

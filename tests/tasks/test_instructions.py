@@ -13,7 +13,6 @@ import math
 
 import pytest
 
-from prefloop.judge import load_judge
 from prefloop.judge.stage import JudgeConfig
 from prefloop.judge.stage import run as run_judge
 from prefloop.records import RESERVED_COLUMNS, load_prompts
@@ -620,14 +619,14 @@ EXPECTED = {"two": [1.0, 0.5, 0.5, 0.0, 0.0], "json": [1.0, 0.0], "start-bullets
 
 
 def test_reward_through_the_python_judge_as_the_judge_stage_loads_it(tmp_path):
-    """`load_judge` with the options `JudgeConfig.judge_options()` gives, on candidate rows: hand-computed scores,
+    """`JudgeConfig.load_judge()`, on candidate rows: hand-computed scores,
     message-list completions (the prompts are chat messages), and the `constraints` column from `columns`."""
     _, records = _candidates(tmp_path, JUDGED)
     for fn, expected in ((REWARD_FN, EXPECTED), (STRICT_FN, {k: [math.floor(s) for s in v]
                                                              for k, v in EXPECTED.items()})):
         config = JudgeConfig(candidates=str(tmp_path / "candidates.jsonl"), out=str(tmp_path / "j.jsonl"),
                              judge="python", reward_fn=fn)
-        judge = load_judge(config.judge, **config.judge_options())
+        judge = config.load_judge()
         verdicts = judge.judge(records)
         judge.close()
         for record, verdict in zip(records, verdicts, strict=True):
