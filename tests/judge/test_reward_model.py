@@ -129,6 +129,36 @@ def test_stage_records_engine_and_caches_scores(rm, tmp_path):
     assert [r["scores"] for r in read_records(second)] == [r["scores"] for r in records]
 
 
+def test_the_reward_trainer_learns_the_preference_in_its_pairs_either_way(tiny_model, tmp_path):
+    """TRL's RewardTrainer through `prefloop.train.reward`, on a cue a tiny model learns in seconds (a number vs
+    words), trained once each way round: each RM ranks unseen pairs as its own data taught it, so the ranking
+    comes from training, not from the head's random init. The arithmetic-quality run is the soak test below."""
+    import random
+
+    from prefloop.addition import make_prompts
+    from prefloop.store import dumps
+    from prefloop.train.reward import RewardTrainConfig
+    from prefloop.train.reward import run as train_rm
+
+    rng = random.Random(0)
+    words = ["no idea", "many", "idk", "a lot", "none"]
+    train, heldout = make_prompts(256, 0, "train"), make_prompts(100, 1, "heldout")
+    for name, prefer_number in (("numbers", True), ("words", False)):
+        rows = [{"id": p["id"], "prompt": p["prompt"], "chosen": p["answer"], "rejected": rng.choice(words)} for p in train]
+        if not prefer_number:
+            rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+        (tmp_path / f"{name}.jsonl").write_text("".join(dumps(r) for r in rows))
+        rm = train_rm(RewardTrainConfig(model=tiny_model, pairs=str(tmp_path / f"{name}.jsonl"),
+                                        out=str(tmp_path / name), lr=1e-3, epochs=1, batch_size=16, seed=0))
+        judge = RewardModelJudge(str(rm), dtype="float32", template="raw")  # as TRL formats text pairs
+        texts = [p["answer"] for p in heldout] + [rng.choice(words) for _ in heldout]
+        scores = judge.score([p["prompt"] for p in heldout] * 2, texts)
+        judge.close()
+        n = len(heldout)
+        number_first = sum(scores[i][0] > scores[n + i][0] for i in range(n)) / n
+        assert number_first >= 0.95 if prefer_number else number_first <= 0.05, (name, number_first)
+
+
 @pytest.fixture(scope="module")
 def addition_rm(tmp_path_factory) -> Path:
     from prefloop.addition_rm import train_addition_rm
@@ -136,7 +166,7 @@ def addition_rm(tmp_path_factory) -> Path:
     return train_addition_rm(tmp_path_factory.mktemp("addition-rm") / "rm")
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # 5 min of pretraining: CI runs the fast reward-trainer test above, this before changing it
 def test_trained_reward_model_ranks_correct_sums_first(addition_rm, capsys):
     from prefloop.addition_rm import addition_pairs
 
