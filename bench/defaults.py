@@ -56,8 +56,8 @@ DEFAULT_SETTINGS = "sigmoid,sigmoid+sft,sigmoid+sft all-pairs,sigmoid+sft cut-re
 def task_setup(name: str, work: Path) -> dict:
     """The task's model, prompt files and stage settings (built or written under `work`)."""
     if name == "addition":
-        from prefloop.addition import make_prompts
-        from prefloop.pretrain import pretrain
+        from prefloop.demo.pretrain import pretrain
+        from prefloop.tasks.addition import make_prompts
 
         base = work / "base"
         if not (base / "config.json").exists():
@@ -67,7 +67,7 @@ def task_setup(name: str, work: Path) -> dict:
         atomic_write(heldout, "".join(dumps(r) for r in make_prompts(500, seed=0, split="heldout")))
         gen = {"backend": "hf", "max_new_tokens": 5, "batch_size": 512, "chunk_size": 512, "dtype": "float32"}
         return {"model": str(base), "train": train, "heldout": heldout, "gen": gen, "n": 8, "temperature": 1.0,
-                "reward": "prefloop.addition:reward", "strict": "prefloop.addition:reward", "train_dtype": "float32"}
+                "reward": "prefloop.tasks.addition:reward", "strict": "prefloop.tasks.addition:reward", "train_dtype": "float32"}
     from prefloop.models import resolve_model
 
     model = resolve_model("smollm2", dtype="float32")

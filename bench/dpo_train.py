@@ -74,7 +74,7 @@ def make_pairs(count: int, inputs: str, seed: int = 0) -> list[dict[str, str]]:
         answer = lambda: [{"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(60, 140)))}]  # noqa: E731
         return [{"prompt": r["prompt"], "chosen": answer(), "rejected": answer()} for r in rows]
     if inputs == "sums":
-        from prefloop.addition import make_prompts
+        from prefloop.tasks.addition import make_prompts
 
         out = []
         for r in make_prompts(count, seed=seed, split="train"):
@@ -191,8 +191,8 @@ def run_row(row: str, model: str, case_dir: Path, steps: int, warmup: int, threa
 def measure(name: str, steps: int, warmup: int, threads: int | None, work: Path, verbose: bool) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
+    from prefloop.demo.tiny import TinyConfig, save_tiny
     from prefloop.models import resolve_model
-    from prefloop.tiny import TinyConfig, save_tiny
 
     size, inputs, _ = CASES[name]
     case_dir = work / name

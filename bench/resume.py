@@ -140,8 +140,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from machine import machine
 
+    from prefloop.demo.tiny import save_tiny
     from prefloop.gen.stage import GenerateConfig
-    from prefloop.tiny import save_tiny
 
     work = Path(tempfile.mkdtemp(prefix="prefloop-resume-"))
     model = save_tiny(work / "model")

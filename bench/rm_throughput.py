@@ -43,7 +43,7 @@ def build_rm(out: Path, size: str) -> Path:
     import torch
     from transformers import LlamaForSequenceClassification
 
-    from prefloop.tiny import TinyConfig, build_model, build_tokenizer
+    from prefloop.demo.tiny import TinyConfig, build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = None  # score raw text: prompt + response + EOS

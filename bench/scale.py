@@ -96,7 +96,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads; Ray's workers inherit it (see the docstring)
     logging.basicConfig(level=logging.WARNING)
 
-    from prefloop.tiny import TinyConfig, save_tiny
+    from prefloop.demo.tiny import TinyConfig, save_tiny
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="prefloop-scale-"))

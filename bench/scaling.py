@@ -16,7 +16,7 @@ Every row is the real CLI in a fresh process, `prefloop generate --backend hf`, 
 Seconds are wall time of the command (python start-up and model load included, as a user waits) and, apart, the
 stage's own `seconds` from its summary; CPU s = user + system seconds of the child processes. Each row is the
 fastest of `--repeats` (2) fresh runs: on a shared machine the least disturbed run is the one that measures the
-code (a first run, 1 repeat, under a load average of ~5 put the 1x row at 3x the per-prompt time of the 2x row). The model is `prefloop.tiny.TinyConfig()` (the demo's architecture, random
+code (a first run, 1 repeat, under a load average of ~5 put the 1x row at 3x the per-prompt time of the 2x row). The model is `prefloop.demo.tiny.TinyConfig()` (the demo's architecture, random
 weights, 128-token context) built locally; prompts are mixed-length text (4-60 characters = tokens). This machine
 is shared, so ratios measured in one run are the result.
 """
@@ -110,7 +110,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from machine import machine
 
-    from prefloop.tiny import save_tiny
+    from prefloop.demo.tiny import save_tiny
 
     work = Path(tempfile.mkdtemp(prefix="prefloop-scaling-"))
     model = save_tiny(work / "model")

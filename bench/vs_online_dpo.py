@@ -2,16 +2,16 @@
 
     python bench/vs_online_dpo.py                  # 180 s of training per side (+ ~90 s base build, + evals)
     python bench/vs_online_dpo.py --quick          # smoke check, < 2 min: weaker base, 20 s per side
-    python bench/vs_online_dpo.py --base DIR       # reuse a base model built by `python -m prefloop.pretrain DIR`
+    python bench/vs_online_dpo.py --base DIR       # reuse a base model built by `python -m prefloop.demo.pretrain DIR`
 
-Both sides start from the SAME weak demo model (built once by `prefloop.pretrain.pretrain` at its defaults, the
+Both sides start from the SAME weak demo model (built once by `prefloop.demo.pretrain.pretrain` at its defaults, the
 demo's own round-0 policy), sample from the same 9,000-problem train pool, are rewarded by the same python verifier
-(`prefloop.addition:reward`, which already follows TRL's reward-function signature: the dataset's `answer` column
+(`prefloop.tasks.addition:reward`, which already follows TRL's reward-function signature: the dataset's `answer` column
 arrives as a keyword), and are scored by the same function on the same 500 held-out sums:
-`prefloop.pretrain.accuracy` (greedy, decoded answer == reference). Sides run one after the other, never together.
+`prefloop.demo.pretrain.accuracy` (greedy, decoded answer == reference). Sides run one after the other, never together.
 
 Rows:
-  prefloop          `prefloop.loop.run` with the demo's settings (`prefloop.demo.DEMO`: 2,048 prompts per round,
+  prefloop          `prefloop.loop.run` with the demo's settings (`prefloop.demo.addition.DEMO`: 2,048 prompts per round,
                     8 samples at T=1, best-vs-worst pairs, LoRA r=16, sigmoid+SFT loss, lr 5e-3, batch 32, 5 epochs),
                     one round at a time until the budget is spent; each round's adapter is evaluated after it.
   online-dpo lr=X   `trl.experimental.online_dpo.OnlineDPOTrainer`: 2 samples per prompt from the policy itself
@@ -42,7 +42,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 RESULTS = Path(__file__).parent / "results"
-HELDOUT = 500  # as the demo (prefloop.demo.HELDOUT)
+HELDOUT = 500  # as the demo (prefloop.demo.addition.HELDOUT)
 
 
 class Clock:
@@ -69,7 +69,7 @@ class Clock:
 
 def heldout_accuracy(model, tokenizer, heldout: list[dict]) -> float:
     """The one eval both sides use: prefloop's greedy held-out accuracy, on the model as it is in memory."""
-    from prefloop.pretrain import accuracy
+    from prefloop.demo.pretrain import accuracy
 
     return accuracy(model, tokenizer, heldout)
 
@@ -81,7 +81,7 @@ def run_prefloop(base: Path, data: Path, work: Path, budget: float, heldout: lis
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefloop.config import from_dict
-    from prefloop.demo import DEMO
+    from prefloop.demo.addition import DEMO
     from prefloop.loop import LoopConfig
     from prefloop.loop import run as run_loop
 
@@ -105,7 +105,7 @@ def run_prefloop(base: Path, data: Path, work: Path, budget: float, heldout: lis
         curve.append({"t": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "accuracy": acc, "round": k})
         rounds.append({"round": k, "phases": phases})
         log(f"prefloop round {k}: t={clock.wall:.0f}s cpu={clock.cpu:.0f}s accuracy {acc:.3f}")
-    return {"name": "prefloop", "settings": "prefloop.demo.DEMO (unchanged)", "curve": curve, "rounds": rounds,
+    return {"name": "prefloop", "settings": "prefloop.demo.addition.DEMO (unchanged)", "curve": curve, "rounds": rounds,
             "train_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1)}
 
 
@@ -117,8 +117,8 @@ def run_online_dpo(base: Path, train: list[dict], budget: float, heldout: list[d
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from prefloop.addition import reward
-    from prefloop.demo import DEMO
+    from prefloop.demo.addition import DEMO
+    from prefloop.tasks.addition import reward
 
     clock, curve = Clock(), []
     next_eval = [eval_every]
@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=float, default=30.0, help="OnlineDPO: training seconds between evals")
     parser.add_argument("--lrs", default="5e-3,1.5e-2,5e-4", help="OnlineDPO learning rates (demo's, 3x, 0.1x)")
     parser.add_argument("--batch-size", type=int, default=32, help="OnlineDPO prompts per step (demo: 32 pairs)")
-    parser.add_argument("--base", help="reuse this base model dir (default: build it with prefloop.pretrain)")
+    parser.add_argument("--base", help="reuse this base model dir (default: build it with prefloop.demo.pretrain)")
     parser.add_argument("--sides", default="prefloop,online-dpo")
     parser.add_argument("--quick", action="store_true", help="smoke check (< 2 min): weak base, 20 s per side")
     parser.add_argument("--out", default=str(RESULTS / "vs_online_dpo.json"))
@@ -210,9 +210,9 @@ def main() -> None:
 
     import torch
 
-    from prefloop.addition import make_prompts, split_size
-    from prefloop.pretrain import accuracy, pretrain
+    from prefloop.demo.pretrain import accuracy, pretrain
     from prefloop.store import dumps
+    from prefloop.tasks.addition import make_prompts, split_size
 
     lrs = [float(x) for x in args.lrs.split(",")]
     if args.quick:

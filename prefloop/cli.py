@@ -175,16 +175,16 @@ DEMO_TASKS = {"addition": "prefloop-demo", "instructions": "prefloop-demo-instru
 def run_demo(out: str | None = None, rounds: int | None = None, backend: str | None = None,
              config_file: str | None = None, task: str = "addition") -> Path:
     """Run the `task` demo in `out` and return the report path. None takes the task's default: `out` from
-    `DEMO_TASKS`, `backend` hf for addition (prefloop/demo.py) and auto, vllm if it imports, else hf, for
-    instructions (prefloop/demo_instructions.py)."""
+    `DEMO_TASKS`, `backend` hf for addition (prefloop/demo/addition.py) and auto, vllm if it imports, else hf, for
+    instructions (prefloop/demo/instructions.py)."""
     if task not in DEMO_TASKS:
         raise ConfigError(f"demo task {task!r}. Fix: use one of {', '.join(DEMO_TASKS)}.")
     out = out or DEMO_TASKS[task]
     if task == "addition":
-        from prefloop.demo import run_addition
+        from prefloop.demo.addition import run_addition
 
         return run_addition(out, rounds, backend or "hf", config_file)
-    from prefloop.demo_instructions import run_instructions
+    from prefloop.demo.instructions import run_instructions
 
     return run_instructions(out, rounds, backend or "auto", config_file)
 

@@ -10,7 +10,7 @@ the files of phases the manifest marks done:
 - "Held-out answers": the first held-out prompts by id that round 0 and the latest evaluated round both answered
   (`round_<k>/eval_candidates.jsonl`), each answer with its score from `eval_judgments.jsonl` when it has one.
 - "Pairs": the first pairs by id of the latest round whose pairs are done (`round_<k>/pairs.jsonl`).
-- "Plain questions": `RUN_DIR/plain_questions.json` when a demo wrote it (`prefloop.demo_instructions`).
+- "Plain questions": `RUN_DIR/plain_questions.json` when a demo wrote it (`prefloop.demo.instructions`).
 
 A section whose files are missing or unreadable is left out; it never fails the report. Answers are shown as text
 in code fences longer than any backtick run inside them, so nothing a model writes renders as markdown. Both

@@ -19,8 +19,8 @@ def _judge_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A random tiny Llama and its char-level tokenizer with a chat template (context: 128 tokens), saved once per
-    session (`prefloop.tiny.save_tiny`; no downloads). A str, so it goes into argv lists and configs as it is."""
-    from prefloop.tiny import save_tiny
+    session (`prefloop.demo.tiny.save_tiny`; no downloads). A str, so it goes into argv lists and configs as it is."""
+    from prefloop.demo.tiny import save_tiny
 
     return str(save_tiny(tmp_path_factory.mktemp("tiny") / "model"))
 

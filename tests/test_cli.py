@@ -90,7 +90,7 @@ def test_bad_shard_spec_exits_2(tmp_path):
     assert "prefloop generate: error:" in result.stderr and "--shard" in result.stderr
 
 
-@pytest.mark.parametrize("spec", ["nocolon", "prefloop.addition:nope", "no_such_module_xyz:fn"])
+@pytest.mark.parametrize("spec", ["nocolon", "prefloop.tasks.addition:nope", "no_such_module_xyz:fn"])
 def test_bad_reward_fn_exits_2(tmp_path, spec):
     """A wrong --reward-fn exits 2 with "prefloop judge: error:" naming the spec, and no traceback."""
     cands = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "prompt": "1+1=", "completions": [{"text": "2"}]}])
@@ -179,7 +179,7 @@ def test_generate_judge_pairs_chain_on_tiny_model(tmp_path, tiny_model):
         assert "answer" in r["columns"]
 
     result = prefloop("judge", "--candidates", cands, "--out", judg, "--judge", "python",
-                      "--reward-fn", "prefloop.addition:reward")
+                      "--reward-fn", "prefloop.tasks.addition:reward")
     assert result.returncode == 0, result.stderr
     judgments = [json.loads(line) for line in judg.read_text().splitlines()]
     assert len(judgments) == 3

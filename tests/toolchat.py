@@ -1,6 +1,6 @@
 """A tiny local model whose chat template renders `tools` and `enable_thinking`, for the multi-turn tests.
 
-prefloop's tiny template (prefloop/tiny.py) ignores both, so a test on it would pass even if they never reached the
+prefloop's tiny template (prefloop/demo/tiny.py) ignores both, so a test on it would pass even if they never reached the
 template. This one writes a first line naming the tools and a "no-think" line when `enable_thinking` is false,
 then the conversation exactly as the tiny template does.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefloop.tiny import CHAT_TEMPLATE, TinyConfig, save_tiny
+from prefloop.demo.tiny import CHAT_TEMPLATE, TinyConfig, save_tiny
 
 TOOLS_TEMPLATE = (
     "{% if tools %}{{ 'tools: ' }}{% for t in tools %}{{ t['function']['name'] }}"

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefloop.addition import make_prompts
+from prefloop.demo.tiny import save_tiny
 from prefloop.store import dumps
-from prefloop.tiny import save_tiny
+from prefloop.tasks.addition import make_prompts
 
 LENGTH_REWARD = "def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
 

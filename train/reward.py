@@ -9,7 +9,7 @@ EOS to standard-format texts, and `RewardModelJudge` scores raw text the same wa
 the score at the same token.
 
 The tiny reward model the tests use (no downloads) is built on top of this, in the demo layer:
-`prefloop.addition_rm.train_addition_rm`.
+`prefloop.demo.addition_rm.train_addition_rm`.
 
 Failure semantics: the model is written to a temp dir beside `out` and renamed into place; a killed run leaves
 no half model (re-run to train again; RM training here is minutes, so it does not checkpoint).

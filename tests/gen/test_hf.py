@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from prefloop.demo.tiny import build_model, build_tokenizer
 from prefloop.device import resolve_dtype
 from prefloop.gen import Sampling
 from prefloop.gen.hf import HFGenerator
-from prefloop.tiny import build_model, build_tokenizer
 
 PROMPTS = ["7", "12+34=", "The quick brown fox jumps over the lazy dog, then", "a" * 70, "Hello, w"]
 GREEDY = Sampling(max_new_tokens=12, temperature=0.0)

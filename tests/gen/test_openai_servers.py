@@ -282,11 +282,11 @@ def test_vllm_unknown_model_name_stops_with_a_fix(vllm_url, tmp_path):
 def test_loop_targets_a_server_the_user_runs(vllm_url, tiny_model, tmp_path):
     """`prefloop run` with backend openai: round 1 generates from the served base, trains adapter 1 in this
     process, loads it into the running server (`/v1/load_lora_adapter`) and evaluates through it by name."""
-    from prefloop.addition import make_prompts
     from prefloop.config import from_dict
     from prefloop.loop import LoopConfig
     from prefloop.loop import run as run_loop
     from prefloop.store import dumps
+    from prefloop.tasks.addition import make_prompts
 
     (tmp_path / "prompts.jsonl").write_text("".join(dumps(r) for r in make_prompts(16, 0, "train")))
     (tmp_path / "heldout.jsonl").write_text("".join(dumps(r) for r in make_prompts(8, 0, "heldout")))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from spy import Spy
 
+from prefloop.demo.tiny import TinyConfig, save_tiny
 from prefloop.errors import StageFailed
 from prefloop.gen.hf import HFGenerator
 from prefloop.judge.constitution import load_constitution
@@ -18,7 +19,6 @@ from prefloop.judge.pairs import PairsConfig
 from prefloop.judge.pairs import run as pairs_run
 from prefloop.judge.stage import JudgeConfig, run
 from prefloop.store import read_records
-from prefloop.tiny import TinyConfig, save_tiny
 
 
 @pytest.fixture(scope="module")

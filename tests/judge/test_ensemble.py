@@ -233,7 +233,7 @@ def save_classifier(path: Path) -> Path:
     import torch
     from transformers import LlamaForSequenceClassification
 
-    from prefloop.tiny import TinyConfig, build_model, build_tokenizer
+    from prefloop.demo.tiny import TinyConfig, build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     config = build_model(tokenizer, TinyConfig(seed=1)).config
@@ -277,16 +277,16 @@ def test_a_tiny_reward_model_is_a_member(tmp_path):
 def test_an_ensemble_judges_a_loop_round_on_the_tiny_model(tmp_path):
     """In `prefloop run`, an ensemble is the round's judge (its members under round_001/judgments.members/), the
     pairs come from its scores, and the report carries the members' agreement; held-out answers get one judge."""
-    from prefloop.addition import make_prompts
+    from prefloop.demo.tiny import save_tiny
     from prefloop.loop import LoopConfig
     from prefloop.loop import run as run_loop
     from prefloop.store import dumps
-    from prefloop.tiny import save_tiny
+    from prefloop.tasks.addition import make_prompts
 
     save_tiny(tmp_path / "model")
     (tmp_path / "prompts.jsonl").write_text("".join(dumps(r) for r in make_prompts(8, 0, "train")))
     (tmp_path / "heldout.jsonl").write_text("".join(dumps(r) for r in make_prompts(4, 0, "heldout")))
-    verifier = {"judge": "python", "reward_fn": "prefloop.addition:reward"}
+    verifier = {"judge": "python", "reward_fn": "prefloop.tasks.addition:reward"}
     config = LoopConfig(
         out=str(tmp_path / "run"), model=str(tmp_path / "model"), prompts=str(tmp_path / "prompts.jsonl"),
         eval_prompts=str(tmp_path / "heldout.jsonl"), rounds=1, prompts_per_round=8,

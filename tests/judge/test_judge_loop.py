@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from fake_server import FakeServer, chat_answer
 
-from prefloop.addition import make_prompts
+from prefloop.demo.tiny import TinyConfig, save_tiny
 from prefloop.errors import StageFailed
 from prefloop.judge.stage import JudgeConfig, run
 from prefloop.loop import LoopConfig, Policy, _judge_settings
 from prefloop.loop import run as run_loop
 from prefloop.runstate import read_summary
 from prefloop.store import dumps, read_records
-from prefloop.tiny import TinyConfig, save_tiny
+from prefloop.tasks.addition import make_prompts
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_self_rewarding_judge_is_the_current_policy(workdir):
     config = loop_config(workdir, "unused", {"judge": "llm", "judge_model": "policy", "mode": "pointwise"})
     policy = Policy("base", "round_001/train/adapter")
     assert _judge_settings(config, policy, {}) == {"judge_model": "base", "judge_adapter": "round_001/train/adapter"}
-    python = loop_config(workdir, "unused", {"judge": "python", "reward_fn": "prefloop.addition:reward"})
+    python = loop_config(workdir, "unused", {"judge": "python", "reward_fn": "prefloop.tasks.addition:reward"})
     assert _judge_settings(python, policy, {}) == {}
 
 
@@ -136,7 +136,7 @@ def test_constitutional_revisions_drive_a_loop_round(workdir):
     config = loop_config(workdir, "cai", {"judge": "constitutional", "constitution": "helpful_honest",
                                           "judge_model": "policy", "judge_max_new_tokens": 8,
                                           "judge_temperature": 1.0, "dtype": "float32"},
-                         eval_judge={"judge": "python", "reward_fn": "prefloop.addition:reward"})
+                         eval_judge={"judge": "python", "reward_fn": "prefloop.tasks.addition:reward"})
     root = run_loop(config)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "done"

@@ -15,6 +15,7 @@ import torch
 from spy import Spy
 from toolchat import CONVERSATION, tool
 
+from prefloop.demo.tiny import TinyConfig, build_model, build_tokenizer, save_tiny
 from prefloop.gen.hf import HFGenerator
 from prefloop.judge.constitution import load_constitution
 from prefloop.judge.constitutional import ConstitutionalJudge, feedback_question
@@ -23,7 +24,6 @@ from prefloop.judge.reward_model import RewardModelJudge
 from prefloop.judge.stage import JudgeConfig, run
 from prefloop.judge.templates import load_template, render
 from prefloop.store import read_records
-from prefloop.tiny import TinyConfig, build_model, build_tokenizer, save_tiny
 
 # CONVERSATION as the judge must see it: every earlier turn in its own tag, the one being answered marked.
 FENCED = ('<turn role="system">\nBe exact.\n</turn>\n<turn role="user">\n2+3=\n</turn>\n'

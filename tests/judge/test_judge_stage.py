@@ -11,7 +11,7 @@ from prefloop.judge.stage import JudgeConfig, load_candidates, run
 from prefloop.runstate import read_summary
 from prefloop.store import InputError
 
-REWARD = "prefloop.addition:reward"
+REWARD = "prefloop.tasks.addition:reward"
 
 
 def candidate(rid: str, prompt, texts: list[str], answer=None, finish="stop") -> dict:
@@ -47,7 +47,7 @@ def read_lines(path: Path) -> list[bytes]:
 
 
 def test_judges_every_candidate_with_a_verifier(tmp_path):
-    """A real run with `prefloop.addition:reward` writes one judgment per id, scoring each completion, plus a summary."""
+    """A real run with `prefloop.tasks.addition:reward` writes one judgment per id, scoring each completion, plus a summary."""
     cands = write_jsonl(tmp_path / "candidates.jsonl", addition_candidates(5))
     out = run(JudgeConfig(candidates=str(cands), out=str(tmp_path / "judgments.jsonl"), reward_fn=REWARD))
     records = [json.loads(line) for line in read_lines(out)]
@@ -164,7 +164,7 @@ def test_bad_reward_fn_fails_before_any_output(tmp_path):
     cands = write_jsonl(tmp_path / "candidates.jsonl", addition_candidates(2))
     out = tmp_path / "j.jsonl"
     with pytest.raises((ValueError, AttributeError, ImportError)):
-        run(JudgeConfig(candidates=str(cands), out=str(out), reward_fn="prefloop.addition:rewrd"))
+        run(JudgeConfig(candidates=str(cands), out=str(out), reward_fn="prefloop.tasks.addition:rewrd"))
     assert not out.exists()
     assert not (tmp_path / "j.config.yaml").exists()
     run(JudgeConfig(candidates=str(cands), out=str(out), reward_fn=REWARD))  # must not raise ConfigDriftError

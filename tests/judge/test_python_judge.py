@@ -144,8 +144,8 @@ def test_load_function_from_file_and_module(tmp_path):
     """))
     fn = load_function(f"{path}:exact")
     assert fn([""], ["4"], answer=["4"]) == [1.0]
-    judge = PythonOptions("prefloop.addition:reward").load()
-    assert judge.name == "python:prefloop.addition:reward"
+    judge = PythonOptions("prefloop.tasks.addition:reward").load()
+    assert judge.name == "python:prefloop.tasks.addition:reward"
     (verdict,) = judge.judge([_row("a", "2+2=", ["4", "5"], answer="4")])
     assert verdict["scores"] == [1.0, 0.0]
 
@@ -163,7 +163,7 @@ def test_load_function_missing_function(tmp_path):
     with pytest.raises(AttributeError, match="'missing'"):
         load_function(f"{path}:missing")
     with pytest.raises(AttributeError, match="'nope'"):
-        load_function("prefloop.addition:nope")
+        load_function("prefloop.tasks.addition:nope")
 
 
 @pytest.mark.parametrize("spec", ["nocolon", ":fn", "rewards.py:"])

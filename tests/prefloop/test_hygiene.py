@@ -77,7 +77,7 @@ def test_the_loop_never_draws_an_eval_or_benchmark_prompt(tmp_path):
     config = from_dict(LoopConfig, {
         "out": str(tmp_path / "run"), "model": "m", "prompts": write(tmp_path / "train.jsonl", train),
         "eval_prompts": write(tmp_path / "eval.jsonl", evals),
-        "judge": {"judge": "python", "reward_fn": "prefloop.addition:reward"},
+        "judge": {"judge": "python", "reward_fn": "prefloop.tasks.addition:reward"},
         "decontaminate": {"benchmarks": [write(tmp_path / "bench.jsonl", bench)]}})
     from prefloop.records import load_prompts
 
@@ -88,7 +88,7 @@ def test_the_loop_never_draws_an_eval_or_benchmark_prompt(tmp_path):
         assert not banned & {prompt_text(r["prompt"]) for r in draw_prompts(pool, 50, 0, k)}
     with pytest.raises(ConfigError, match="unknown keys"):
         from_dict(LoopConfig, {"out": "o", "model": "m", "prompts": "p", "decontaminate": {"ngram": 0.5},
-                               "judge": {"judge": "python", "reward_fn": "prefloop.addition:reward"}})
+                               "judge": {"judge": "python", "reward_fn": "prefloop.tasks.addition:reward"}})
 
 
 # -- deduplication ------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_near_duplicates_equal_a_brute_force_jaccard_scan():
 def loop_config(tmp_path, prompts, **settings):
     return from_dict(LoopConfig, {
         "out": str(tmp_path / "run"), "model": "m", "prompts": write(tmp_path / "train.jsonl", prompts),
-        "judge": {"judge": "python", "reward_fn": "prefloop.addition:reward"}, **settings})
+        "judge": {"judge": "python", "reward_fn": "prefloop.tasks.addition:reward"}, **settings})
 
 
 def test_the_pool_loses_its_repeats_only_when_asked(tmp_path):

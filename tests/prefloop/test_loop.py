@@ -13,12 +13,12 @@ import yaml
 from needs import need_module
 from workdirs import loop_workdir
 
-from prefloop.addition import make_prompts
 from prefloop.config import ConfigError, from_dict
 from prefloop.loop import LoopConfig
 from prefloop.loop import run as run_loop
 from prefloop.runstate import ConfigDriftError
 from prefloop.store import dumps, read_records
+from prefloop.tasks.addition import make_prompts
 
 PHASES = ["prompts", "generate", "judge", "pairs", "train", "eval"]
 
@@ -247,13 +247,13 @@ def test_a_self_rewarding_judge_on_vllm_uses_the_policys_engine_and_adapter(work
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from prefloop.demo.tiny import TinyConfig, save_tiny
     from prefloop.gen import vllm as vgen
     from prefloop.gen.stage import GenerateConfig
     from prefloop.gen.stage import run as generate
     from prefloop.judge.stage import JudgeConfig
     from prefloop.judge.stage import run as judge
     from prefloop.loop import Policy, _judge_settings
-    from prefloop.tiny import TinyConfig, save_tiny
 
     model = save_tiny(tmp_path / "model", TinyConfig(max_position_embeddings=4096))  # room for a judge prompt
     adapter = tmp_path / "adapter"

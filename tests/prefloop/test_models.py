@@ -263,7 +263,7 @@ def test_unreadable_gguf_is_a_config_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from prefloop.tiny import save_tiny
+    from prefloop.demo.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -151,8 +151,8 @@ def test_two_generate_launches_moments_apart_write_each_id_once(workdir, tmp_pat
     """The reported double launch, unscripted: two real `prefloop generate` on one --out, the second started once
     the first has written records and while it still runs (2,000 prompts); one refuses, every id is written once.
     Without the lock both write: thousands of duplicate ids."""
-    from prefloop.addition import make_prompts
     from prefloop.store import dumps
+    from prefloop.tasks.addition import make_prompts
 
     prompts = tmp_path / "many.jsonl"
     prompts.write_text("".join(dumps(r) for r in make_prompts(2000, 1, "train")))

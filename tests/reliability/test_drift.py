@@ -32,7 +32,7 @@ def models(tmp_path_factory) -> tuple[str, str]:
     """Two tiny model directories (the second stands for "another model")."""
     import torch
 
-    from prefloop.tiny import save_tiny
+    from prefloop.demo.tiny import save_tiny
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

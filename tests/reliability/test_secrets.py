@@ -204,9 +204,9 @@ def test_a_key_with_a_control_character_inside_fails_without_quoting_it(monkeypa
 
 @pytest.fixture(scope="module")
 def loop_inputs(tmp_path_factory) -> Path:
-    from prefloop.addition import make_prompts
+    from prefloop.demo.tiny import save_tiny
     from prefloop.store import dumps
-    from prefloop.tiny import save_tiny
+    from prefloop.tasks.addition import make_prompts
 
     d = tmp_path_factory.mktemp("secret-loop")
     save_tiny(d / "model")

@@ -27,7 +27,7 @@ def shards(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
     """(folder, prompt ids, the generate arguments common to every shard), with shard{i}.jsonl for i < 8."""
     import torch
 
-    from prefloop.tiny import save_tiny
+    from prefloop.demo.tiny import save_tiny
 
     mp = pytest.MonkeyPatch()
     mp.setenv("PREFLOOP_NO_BAR", "1")

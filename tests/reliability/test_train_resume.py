@@ -109,7 +109,7 @@ def child(spec_file: str) -> None:
 def inputs(tmp_path_factory) -> dict:
     """A tiny model, 16 pairs (8 steps of 2), a round-1 adapter for the continue-an-adapter case, and a place for
     the straight runs (each trained once per module)."""
-    from prefloop.tiny import save_tiny
+    from prefloop.demo.tiny import save_tiny
     from prefloop.train.dpo import TrainConfig, run
 
     d = tmp_path_factory.mktemp("train-resume")

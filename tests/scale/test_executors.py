@@ -70,7 +70,7 @@ def local_runs(tiny_model: str, prompts: Path, tmp_path_factory: pytest.TempPath
 
 
 def judge_config(candidates: Path, out: Path, **kw) -> JudgeConfig:
-    return JudgeConfig(candidates=str(candidates), out=str(out), judge="python", reward_fn="prefloop.addition:reward",
+    return JudgeConfig(candidates=str(candidates), out=str(out), judge="python", reward_fn="prefloop.tasks.addition:reward",
                        chunk_size=10, **kw)
 
 

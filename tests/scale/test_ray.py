@@ -113,23 +113,23 @@ def test_loop_phases_take_their_engine_from_the_stage_settings(tmp_path):
     """`gen: {engine: ray}` puts generation (and eval generation) on Ray while judging stays local; a bad engine
     name is refused when the loop config is built."""
     config = LoopConfig(out=str(tmp_path / "run"), model="m", prompts="p.jsonl",
-                        gen={"engine": "ray", "ray_actors": 2}, judge={"reward_fn": "prefloop.addition:reward"})
+                        gen={"engine": "ray", "ray_actors": 2}, judge={"reward_fn": "prefloop.tasks.addition:reward"})
     assert config.stage_config("generate", 1, config.gen).engine == "ray"
     assert config.stage_config("generate", 1, {**config.gen, **config.eval}).ray_actors == 2
     assert config.stage_config("judge", 1, {}).engine == "local"
     with pytest.raises(ConfigError, match="engine"):
         LoopConfig(out=str(tmp_path / "run2"), model="m", prompts="p.jsonl", gen={"engine": "slurm"},
-                   judge={"reward_fn": "prefloop.addition:reward"})
+                   judge={"reward_fn": "prefloop.tasks.addition:reward"})
 
 
 @pytest.mark.slow
 def test_loop_generates_on_ray_and_trains_locally(ray_cluster, tiny_model, tmp_path):
     """A 1-round loop with `gen: {engine: ray}`: generation and eval generation run on Ray actors, judging and
     DPO run in-process; the manifest records each phase's engine and every prompt is generated once."""
-    from prefloop.addition import make_prompts
     from prefloop.config import from_dict
     from prefloop.loop import run as run_loop
     from prefloop.store import dumps, read_records
+    from prefloop.tasks.addition import make_prompts
 
     (tmp_path / "prompts.jsonl").write_text("".join(dumps(r) for r in make_prompts(24, 0, "train")))
     (tmp_path / "heldout.jsonl").write_text("".join(dumps(r) for r in make_prompts(8, 0, "heldout")))

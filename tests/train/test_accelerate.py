@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefloop.addition import make_prompts
 from prefloop.config import ConfigError, dump_yaml, to_dict
 from prefloop.loop import LoopConfig
 from prefloop.loop import run as run_loop
 from prefloop.store import dumps
+from prefloop.tasks.addition import make_prompts
 from prefloop.train.dpo import TrainConfig, run
 from prefloop.train.launch import LaunchConfig, TrainLaunchError, _free_port, build_command, launch_config
 

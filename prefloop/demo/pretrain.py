@@ -4,7 +4,7 @@ A plain torch loop (AdamW, causal-LM loss on the answer + EOS only) on the addit
 as the generator sees raw-text prompts: prompt characters (no BOS, no chat template), then the answer, then EOS.
 The start is deliberately weak so the DPO rounds have room to improve it.
 
-    python -m prefloop.pretrain /tmp/policy0 [--steps N] [--seed S] [--samples 8]
+    python -m prefloop.demo.pretrain /tmp/policy0 [--steps N] [--seed S] [--samples 8]
 
 Failure semantics: the model directory is written to a temp dir beside `out_dir` and `os.replace`d into place, so a
 killed run leaves the previous `out_dir` (or none) or the new complete one, never a torn one; at worst a stale
@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prefloop.addition import make_prompts, split_size
+from prefloop.demo.tiny import TinyConfig, build_model, build_tokenizer
 from prefloop.store import atomic_dir
-from prefloop.tiny import TinyConfig, build_model, build_tokenizer
+from prefloop.tasks.addition import make_prompts, split_size
 
 # Defaults measured on the 2-core CPU dev box (torch 2.13, TinyConfig() ~0.8M params, 1 thread, ~14 steps/s at
 # batch 64 with the probe; the box was shared with other jobs, so the seconds are upper bounds):

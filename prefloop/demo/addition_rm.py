@@ -1,5 +1,5 @@
 """The tiny addition reward model the tests use, built here with no downloads: the demo's tiny Llama taught
-addition (`prefloop.pretrain`), two fresh layers stacked on it, then trained with the train stage's reward trainer
+addition (`prefloop.demo.pretrain`), two fresh layers stacked on it, then trained with the train stage's reward trainer
 (`prefloop.train.reward`, TRL's `RewardTrainer`) to prefer correct sums over wrong ones from the train split.
 
 A demo-layer module: it uses the reward trainer, never the other way round.
@@ -11,8 +11,8 @@ import logging
 import random
 from pathlib import Path
 
-from prefloop.addition import make_prompts
 from prefloop.store import dumps
+from prefloop.tasks.addition import make_prompts
 from prefloop.train.reward import RewardTrainConfig, run
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def train_addition_rm(out_dir: str | Path, seed: int = 0, pairs: int = 6000, epo
     layers stacked on it (`stack_layers`), then Bradley-Terry on correct vs wrong sums. About 3.5 minutes on 2
     cores; held-out pairwise accuracy 0.73-0.79 measured (near misses and random wrong sums, `addition_pairs`).
     The pretraining to 90% is most of the time; with 3,000 pairs instead of 6,000 the accuracy fell to 0.68."""
-    from prefloop.pretrain import few_threads, pretrain
+    from prefloop.demo.pretrain import few_threads, pretrain
 
     out = Path(out_dir)
     work = out.parent / f".{out.name}.build"

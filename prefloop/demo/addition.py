@@ -1,13 +1,13 @@
 """`prefloop demo`: the whole loop on a fresh CPU machine, no downloads, a few minutes.
 
     prefloop demo --out prefloop-demo --rounds 6
-    prefloop demo --task instructions                       # SmolLM2-135M: prefloop/demo_instructions.py
+    prefloop demo --task instructions                       # SmolLM2-135M: prefloop/demo/instructions.py
 
 1. Builds a ~0.8M-parameter Llama and a character-level tokenizer locally and teaches it 2-digit addition to a
-   weak start (`prefloop.pretrain`): it answers about a quarter of held-out sums correctly.
+   weak start (`prefloop.demo.pretrain`): it answers about a quarter of held-out sums correctly.
 2. Writes the prompt pool (the 9,000 training sums) and 500 held-out sums to `<out>/data/`.
 3. Runs the real loop (`prefloop.loop`) in `<out>/run/`: each round the policy samples 8 answers per prompt,
-   the python verifier `prefloop.addition:reward` scores them, best-vs-worst pairs go to TRL's DPOTrainer
+   the python verifier `prefloop.tasks.addition:reward` scores them, best-vs-worst pairs go to TRL's DPOTrainer
    (LoRA, loss = sigmoid + SFT on the chosen answer), and the new adapter is evaluated greedily on the held-out set.
 4. Writes `<out>/run/report.md` + `report.png` and prints the per-round table.
 
@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from prefloop.addition import make_prompts, split_size
 from prefloop.config import from_dict, load_yaml
 from prefloop.loop import LoopConfig
 from prefloop.loop import run as run_loop
 from prefloop.store import atomic_write, dumps
+from prefloop.tasks.addition import make_prompts, split_size
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ DEMO = {
     # fp32 everywhere: `dtype: auto` picks bf16 only on CPUs with native bf16, which would make the demo's numbers
     # depend on the CPU; pinned, they are the same on every machine (speed measured equal within noise here).
     "gen": {"n": 8, "max_new_tokens": 5, "temperature": 1.0, "batch_size": 512, "chunk_size": 512, "dtype": "float32"},
-    "judge": {"judge": "python", "reward_fn": "prefloop.addition:reward"},
+    "judge": {"judge": "python", "reward_fn": "prefloop.tasks.addition:reward"},
     "pairs": {"strategy": "best_worst"},
     # Plain sigmoid DPO pushes the rejected answer down without holding the chosen one up and made this model
     # worse; adding the SFT term on the chosen answer (RPO, Pang et al. 2024) is what makes the rounds improve it.
@@ -98,7 +98,7 @@ def addition_config(out: str, rounds: int | None = None, backend: str = "hf",
 def run_addition(out: str = "prefloop-demo", rounds: int | None = None, backend: str = "hf",
                  config_file: str | None = None) -> Path:
     """Build (or reuse) the tiny base model and data under `out`, run the loop, return the report path."""
-    from prefloop.pretrain import pretrain
+    from prefloop.demo.pretrain import pretrain
 
     root = Path(out)
     base = root / "base"

@@ -1,9 +1,9 @@
 """The demo's verifiable task: 2-digit addition as raw-text prompts ("12+34=" -> "46", then EOS).
 
 Pure functions, no I/O: `make_prompts` yields prompt records, `reward` is the python judge (TRL reward-function
-convention), loadable as `prefloop.addition:reward` or `prefloop/addition.py:reward`.
+convention), loadable as `prefloop.tasks.addition:reward` or `prefloop/tasks/addition.py:reward`.
 
-    python -c "from prefloop.addition import make_prompts; print(make_prompts(3, seed=0, split='heldout'))"
+    python -c "from prefloop.tasks.addition import make_prompts; print(make_prompts(3, seed=0, split='heldout'))"
 """
 
 from __future__ import annotations

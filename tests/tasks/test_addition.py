@@ -1,6 +1,6 @@
-"""The demo's task (prefloop/addition.py): fixed train/heldout partition, prompt records, and the reward judge.
+"""The demo's task (prefloop/tasks/addition.py): fixed train/heldout partition, prompt records, and the reward judge.
 
-PYTHONPATH=. python -m pytest tests/prefloop/test_addition.py -q
+PYTHONPATH=. python -m pytest tests/tasks/test_addition.py -q
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 
-from prefloop.addition import make_prompts, reward, split_size
+from prefloop.tasks.addition import make_prompts, reward, split_size
 
 
 def _pairs(records: list[dict]) -> set[tuple[int, int]]:
@@ -82,6 +82,6 @@ def test_reward_marks_unverifiable_inputs_none_and_rejects_mismatches():
 
 
 def test_reward_is_loadable_as_module_function():
-    """The judge config `prefloop.addition:reward` resolves to this function."""
-    module, name = "prefloop.addition:reward".split(":")
+    """The judge config `prefloop.tasks.addition:reward` resolves to this function."""
+    module, name = "prefloop.tasks.addition:reward".split(":")
     assert getattr(importlib.import_module(module), name) is reward

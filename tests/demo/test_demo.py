@@ -29,8 +29,8 @@ def test_demo_improves_heldout_accuracy_by_20_points(tmp_path):
 def test_demo_configs_are_valid_loop_configs(tmp_path):
     """Both demos' settings build a LoopConfig (from_dict, every stage checked) without building or running anything;
     the instructions demo samples with `auto` from chat prompts, trains on `reward` and evaluates with `strict`."""
-    from prefloop.demo import DEMO, addition_config
-    from prefloop.demo_instructions import INSTRUCTIONS, instructions_config
+    from prefloop.demo.addition import DEMO, addition_config
+    from prefloop.demo.instructions import INSTRUCTIONS, instructions_config
 
     addition = addition_config(str(tmp_path / "a"))
     assert addition.rounds == DEMO["rounds"] and addition.gen["backend"] == "hf"
@@ -58,8 +58,8 @@ def test_demo_configs_are_valid_loop_configs(tmp_path):
 
 def test_demo_overrides_rounds_backend_and_yaml(tmp_path):
     """--rounds and --backend replace the demo's; a --config YAML's stage mapping overrides its keys one by one."""
-    from prefloop.demo import addition_config
-    from prefloop.demo_instructions import INSTRUCTIONS, instructions_config
+    from prefloop.demo.addition import addition_config
+    from prefloop.demo.instructions import INSTRUCTIONS, instructions_config
 
     yaml_file = tmp_path / "over.yaml"
     yaml_file.write_text("train: {lr: 1.0e-4}\ngen: {n: 2}\nprompts_per_round: 64\n")
@@ -74,7 +74,7 @@ def test_demo_overrides_rounds_backend_and_yaml(tmp_path):
 
 def test_plain_question_scorer():
     """A keyword counts as a whole word or number, in any case; an answer with none of them is wrong."""
-    from prefloop.demo_instructions import PLAIN_QUESTIONS, plain_correct, score_plain
+    from prefloop.demo.instructions import PLAIN_QUESTIONS, plain_correct, score_plain
 
     assert plain_correct("The capital of France is PARIS.", ("Paris",))
     assert plain_correct("A spider has 8 legs.", ("eight", "8")) and plain_correct("Eight!", ("eight", "8"))
@@ -114,15 +114,15 @@ def test_demo_help_lists_task(capsys):
 def test_plain_questions_on_a_tiny_model(tmp_path):
     """The plain questions go through the generate stage for each policy (greedy, one answer) into
     plain_round_<k>.jsonl, are scored into plain_questions.json, and the report shows them."""
-    from prefloop.demo_instructions import (
+    from prefloop.demo.instructions import (
         PLAIN_QUESTIONS,
         answer_plain,
         final_policies,
         instructions_config,
         plain_prompts,
     )
+    from prefloop.demo.tiny import save_tiny
     from prefloop.report import render_markdown
-    from prefloop.tiny import save_tiny
 
     save_tiny(tmp_path / "tiny")
     config = instructions_config(str(tmp_path / "d"), backend="hf", model=str(tmp_path / "tiny"))

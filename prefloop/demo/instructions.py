@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefloop.demo import demo_config, show_report, write_once
+from prefloop.demo.addition import demo_config, show_report, write_once
 from prefloop.loop import LoopConfig, engine_scope
 from prefloop.loop import run as run_loop
 from prefloop.store import atomic_write_json, iter_records

@@ -4,7 +4,7 @@ Nothing here downloads anything. The tokenizer is character level (one token per
 digit, which makes arithmetic learnable by a sub-million-parameter model), and it carries a small chat template
 so the same model exercises both prompt styles (raw text and messages).
 
-    python -m prefloop.tiny /tmp/tiny [--context 4096]   # writes a randomly initialised model + tokenizer
+    python -m prefloop.demo.tiny /tmp/tiny [--context 4096]   # writes a randomly initialised model + tokenizer
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def save_tiny(out_dir: str | Path, config: TinyConfig | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m prefloop.tiny", description="Build a random tiny model.")
+    parser = argparse.ArgumentParser(prog="python -m prefloop.demo.tiny", description="Build a random tiny model.")
     parser.add_argument("out", nargs="?", default="tiny-model")
     parser.add_argument("--context", type=int, default=TinyConfig.max_position_embeddings,
                         help="max_position_embeddings (judge prompts need a few thousand)")

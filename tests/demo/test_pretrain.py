@@ -1,6 +1,6 @@
-"""Pretraining the demo's weak start (prefloop/pretrain.py): loss masking, determinism, atomic save, decoding.
+"""Pretraining the demo's weak start (prefloop/demo/pretrain.py): loss masking, determinism, atomic save, decoding.
 
-PYTHONPATH=. python -m pytest tests/prefloop/test_pretrain.py -q
+PYTHONPATH=. python -m pytest tests/demo/test_pretrain.py -q
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefloop import pretrain as pt
-from prefloop.addition import make_prompts
-from prefloop.tiny import TinyConfig, build_model, build_tokenizer
+from prefloop.demo import pretrain as pt
+from prefloop.demo.tiny import TinyConfig, build_model, build_tokenizer
+from prefloop.tasks.addition import make_prompts
 
 STEPS = 30
 
