@@ -30,6 +30,7 @@ every engine.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +316,7 @@ class LocalGenerate:
         self.config, self.loaded, self.meter = config, loaded, meter
         self.generator = None
         self.costs = None
+        self.load_s: float | None = None  # loading the model (or reaching a kept engine): a fixed cost per run
 
     @staticmethod
     def check(config: GenerateConfig) -> None:
@@ -324,6 +326,7 @@ class LocalGenerate:
         config = self.config
         backend = resolve_backend(config.backend)
         options = config.backend_options(backend)
+        started = time.perf_counter()
         try:
             self.generator = load_generator(backend, config.model, config.adapter, **options)
         except ConfigError:  # prefloop.models already said which path is wrong and what to pass
@@ -339,6 +342,7 @@ class LocalGenerate:
                 + f": {' '.join(str(e).split())} Fix: pass a model directory or a hub id (offline: one "
                 "already in the cache)."
             ) from e
+        self.load_s = round(time.perf_counter() - started, 3)
         self.meter.watch(self.generator)
         too_long = _too_long(self.generator, todo, config.max_new_tokens, self.loaded, config.chat_template_kwargs)
         return drop_too_long(too_long, todo, config, getattr(self.generator, "max_context", None), self.loaded)
@@ -371,7 +375,7 @@ class LocalGenerate:
                            halted=aborted is not None and self.meter.over())
 
     def summary(self) -> dict[str, Any]:
-        return {"engine": "local"}
+        return {"engine": "local", **({"load_s": self.load_s} if self.load_s is not None else {})}
 
     def close(self) -> None:
         if self.generator is not None:

@@ -20,6 +20,7 @@ completion, a failed judgment is stored with its status and reason and a null sc
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -330,10 +331,14 @@ class LocalJudges:
 
     def __init__(self, config: JudgeConfig, judge: Judge | None, meter: Meter | None = None) -> None:
         self.config, self.judge, self.meter, self.costs = config, judge, meter, None
+        self.load_s: float | None = None  # loading a model judge: a fixed cost per run
 
     def batches(self, todo: list[dict[str, Any]]) -> Iterator[list[tuple[dict[str, Any], dict[str, Any], Judge]]]:
         for start in range(0, len(todo), self.config.chunk_size):
-            self.judge = self.judge or self.config.load_judge()
+            if self.judge is None:
+                started = time.perf_counter()
+                self.judge = self.config.load_judge()
+                self.load_s = round(time.perf_counter() - started, 3)
             chunk = todo[start : start + self.config.chunk_size]
             if self.meter is not None:  # counts the judge's API requests; with a budget, checks the chunk first
                 self.meter.watch(self.judge)
@@ -351,6 +356,8 @@ class LocalJudges:
 
     def summary(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"engine": "local"}
+        if self.load_s is not None:
+            extra["load_s"] = self.load_s
         cache = getattr(self.judge, "cache", None)
         if getattr(cache, "hits", None) is not None:
             extra["cache"] = {"hits": cache.hits, "misses": cache.misses}

@@ -329,7 +329,9 @@ def _evaluate(config: LoopConfig, manifest: Manifest, k: int, policy: Policy, ro
         else:
             judgments = judge(judge_cfg)
             summary = eval_summary(judgments)
-        return judgments, {**summary, **usage_of([candidates, judgments], config.prices)}
+        loads = [read_summary(path).get("load_s") for path in (candidates, judgments)]
+        return judgments, {**summary, **usage_of([candidates, judgments], config.prices),
+                           "load_s": round(sum(s for s in loads if s), 3)}
 
     _phase(manifest, k, "eval", phase)
 
@@ -407,7 +409,25 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
     trained = Policy(config.model, str(d / "train" / "adapter")) if config.lora else Policy(str(d / "train" / "model"))
     manifest.data["rounds"][k]["trained_policy"] = trained.settings()
     _evaluate(config, manifest, k, trained, d)
+    manifest.data["rounds"][k]["fixed_s"] = fixed_costs(manifest.data["rounds"][k])
+    manifest.save()
     return trained
+
+
+# A round's fixed costs, from its phases' summaries: what it spends whatever the number of prompts.
+FIXED_COSTS = (("generate", "load_s"), ("judge", "load_s"), ("train", "setup_s"), ("train", "save_s"),
+               ("eval", "load_s"))
+
+
+def fixed_costs(rnd: dict[str, Any]) -> dict[str, float]:
+    """Seconds per fixed cost of a round (model and engine loads, the trainer's setup and the adapter's save) and
+    their `total`; a phase that was resumed as done in an earlier process counts what it recorded then."""
+    costs = {}
+    for name, key in FIXED_COSTS:
+        value = ((rnd.get("phases", {}).get(name) or {}).get("summary") or {}).get(key)
+        if value is not None:
+            costs[f"{name}.{key}"] = value
+    return {**costs, "total": round(sum(costs.values()), 3)}
 
 
 def _uses_vllm(config: LoopConfig) -> bool:

@@ -181,7 +181,7 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any], answers: int = ANSW
     header += ["win rate vs round 0"] if has_wins else []
     header += [f"Δ {'acc (points)' if has_acc else 'score'} vs round 0", "pairs kept", "drops by reason"]
     header += ["mean response length (chars)", "held-out answer length (chars)"]
-    header += [label for _, label in TIMED_PHASES]
+    header += [label for _, label in TIMED_PHASES] + ["fixed s"]
     out += ["## Rounds", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rounds:
         row = [
@@ -205,6 +205,8 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any], answers: int = ANSW
         row.append(_cell(r, "generate", lambda s: None if s.get("mean_length") is None else f"{s['mean_length']:.1f}"))
         row.append(_cell(r, "eval", lambda s: None if s.get("mean_length") is None else f"{s['mean_length']:.1f}"))
         row += [_seconds(r, name) for name, _ in TIMED_PHASES]
+        fixed = (r.get("fixed_s") or {}).get("total")  # loads, trainer setup, saves: inside the phases' seconds
+        row.append(DASH if fixed is None else f"{fixed:.1f}")
         out.append("| " + " | ".join(row) + " |")
     out += ["", "![held-out metric per round](report.png)", "", "## Judge and data", ""]
 

@@ -428,7 +428,9 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
             # restart from the loaded adapter. Load "default" ourselves; newer transformers does the same again.
             model.load_adapter(str(resume), "default", is_trainable=True)
             model.set_adapter("default")
+    setup_s = round(time.time() - started, 3)  # pairs tokenized, model and reference loaded, trainer built
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trained = time.time()
 
     weights = gathered_state_dict(trainer)  # a collective under FSDP / ZeRO-3: every rank calls it
     if ranks.is_main_process:
@@ -440,12 +442,13 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
             trainer.processing_class.save_pretrained(tmp)
         if config.merge:
             merge(config, final, out / "merged")
-        _finish(state, config, trainer, result, dataset, resume, final, started, trainable, total, spread)
+        timing = {"setup_s": setup_s, "save_s": round(time.time() - trained, 3), "wall_s": round(time.time() - started, 3)}
+        _finish(state, config, trainer, result, dataset, resume, final, timing, trainable, total, spread)
     ranks.wait_for_everyone()  # the other ranks return only once the outputs they point to exist
     return out
 
 
-def _finish(state, config, trainer, result, dataset, resume, final, started, trainable, total, spread) -> None:
+def _finish(state, config, trainer, result, dataset, resume, final, timing, trainable, total, spread) -> None:
     out = Path(config.out)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]  # already averaged over ranks by Trainer
@@ -471,7 +474,7 @@ def _finish(state, config, trainer, result, dataset, resume, final, started, tra
         reference=reference,
         output=str(final),
         merged=str(out / "merged") if config.merge else None,
-        wall_s=round(time.time() - started, 3),
+        **timing,  # wall_s = setup_s + runtime_s (the steps) + save_s (the adapter saved, merged if asked)
         **spread,
         config=to_dict(config),
     )

@@ -65,6 +65,15 @@ def check_run(root: Path, rounds: int) -> dict:
         expected = None if k == 1 else str(root / f"round_{k - 1:03d}" / "train" / "adapter")
         assert manifest["rounds"][k]["policy"]["adapter"] == expected
         assert len(read_records(d / "eval_judgments.jsonl")) == 16
+        # Fixed costs: the model loads (the python judge loads before the stage starts, so it has none) and the
+        # trainer's setup and save, each inside its phase's time, and the train stage's time accounted for.
+        fixed, train = manifest["rounds"][k]["fixed_s"], phases["train"]["summary"]
+        assert set(fixed) == {"generate.load_s", "train.setup_s", "train.save_s", "eval.load_s", "total"}
+        assert fixed["total"] == pytest.approx(sum(v for key, v in fixed.items() if key != "total"), abs=2e-3)
+        assert 0 < fixed["generate.load_s"] < phases["generate"]["seconds"]
+        assert 0 < fixed["eval.load_s"] < phases["eval"]["seconds"]
+        steps = train["setup_s"] + train["runtime_s"] + train["save_s"]
+        assert 0 <= train["wall_s"] - steps < 1.0
     return manifest
 
 

@@ -37,6 +37,7 @@ def _round(
             "train": {"status": "done", "seconds": 6.0, "summary": {"steps": 24, "final_loss": 0.41}},
             "eval": ev,
         },
+        "fixed_s": {"generate.load_s": 0.25 * k, "train.setup_s": 1.5, "total": 1.5 + 0.25 * k},
     }
 
 
@@ -104,6 +105,7 @@ def test_table_has_one_row_per_round_with_manifest_numbers(tmp_path: Path) -> No
     assert r2["drops by reason"] == "tie 812, truncated 3"  # zero counts left out
     assert r2["mean response length (chars)"] == "4.2"
     assert r2["gen s"] == "8.1" and r2["eval s"] == "5.0"
+    assert r2["fixed s"] == "2.0" and rows["0"]["fixed s"] == "–"  # the loads and setup inside those seconds
     assert rows["0"]["Δ acc (points) vs round 0"] == "baseline"
 
 
