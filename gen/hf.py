@@ -32,6 +32,7 @@ from transformers import (
     DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
+    StaticCache,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -62,11 +63,14 @@ class HFGenerator:
         dtype: str = "auto",
         device: str = "auto",
         max_batch_tokens: int | None = None,
+        kv_cache: str = "static",
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if kv_cache not in ("dynamic", "static"):
+            raise ValueError(f"kv_cache = {kv_cache!r}. Fix: use dynamic or static.")
         self.name = model + (f"+adapter:{adapter}" if adapter else "")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.device = resolve_device(device)
@@ -109,6 +113,11 @@ class HFGenerator:
         supports = getattr(self.model, "_supports_default_dynamic_cache", None)
         self._share_prefill = (not hasattr(self.model, "peft_config") and callable(supports) and supports()
                                and gen_config.cache_implementation is None)
+        # The KV cache: preallocated (`static`, transformers' StaticCache: each step writes its keys and values in
+        # place) or grown by concatenation each step (`dynamic`). Static generated the same tokens faster on
+        # every model bench/gen_throughput.py measures (its "prefloop hf" vs "prefloop hf dynamic" rows). Models
+        # with a cache of their own (sliding windows, prompt-learning adapters) keep transformers' choice.
+        self.kv_cache = kv_cache if self._share_prefill else "dynamic"
         forward = inspect.signature(self.model.forward).parameters
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}  # the prefill's logits: unused
         # Tokens actually decoded so far (greedy copies count once), for the stage's tokens/s.
@@ -207,9 +216,12 @@ class HFGenerator:
             with torch.inference_mode():
                 inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
                 if per_prompt > 1 and width > 1 and self._share_prefill:
-                    inputs = self._prefill_once(inputs, per_prompt)
+                    inputs = self._prefill_once(inputs, per_prompt, width + sampling.max_new_tokens)
                 elif per_prompt > 1:
                     inputs = {k: v.repeat_interleave(per_prompt, 0) for k, v in inputs.items()}
+                if self.kv_cache == "static" and "past_key_values" not in inputs:
+                    inputs["past_key_values"] = StaticCache(config=self.model.config,
+                                                            max_cache_len=width + sampling.max_new_tokens)
                 out = self.model.generate(**inputs, **options)
                 new = out[:, width:]
                 steps = capture.finish(new) if capture is not None else None
@@ -226,7 +238,7 @@ class HFGenerator:
                 results[i] = done if not greedy else [dict(done[0]) for _ in range(n)]
         return results
 
-    def _prefill_once(self, inputs: dict, copies: int) -> dict:
+    def _prefill_once(self, inputs: dict, copies: int, max_len: int) -> dict:
         """Run the prompts through the model once and give `generate` that KV cache, copied for the `copies` samples.
 
         `generate(num_return_sequences=n)` copies every prompt n times *before* the prefill, so it computes each
@@ -244,6 +256,11 @@ class HFGenerator:
         self.model(input_ids=inputs["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                    past_key_values=cache, use_cache=True, **self._keep_last)
         cache.batch_repeat_interleave(copies)
+        if self.kv_cache == "static":  # preallocated for the prompt and every new token: no per-step concatenation
+            static = StaticCache(config=self.model.config, max_cache_len=max_len)
+            for i, layer in enumerate(cache.layers):  # StaticLayer has no batch_repeat_interleave: copy it in
+                static.update(layer.keys, layer.values, i)
+            cache = static
         return {"input_ids": inputs["input_ids"].repeat_interleave(copies, 0),
                 "attention_mask": inputs["attention_mask"].repeat_interleave(copies, 0), "past_key_values": cache}
 

@@ -144,6 +144,22 @@ def test_a_prompts_samples_depend_on_its_seed_not_its_batch(gen: HFGenerator):
     assert reordered == together[::-1]
 
 
+def test_the_static_kv_cache_samples_what_the_dynamic_one_samples(gen: HFGenerator, tiny_model: Path):
+    """The default preallocated cache (`kv_cache="static"`) changes where keys and values are kept, not what is
+    sampled: the same texts as transformers' dynamic cache greedy (decoded once) and sampled (shared prefill, n=3),
+    and the same log-probs to float noise."""
+    assert gen.kv_cache == "static"
+    dynamic = make_gen(tiny_model, batch_size=6, kv_cache="dynamic")
+    assert texts(dynamic.generate(PROMPTS, n=2, sampling=GREEDY)) == texts(gen.generate(PROMPTS, n=2, sampling=GREEDY))
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, seed=5, logprobs=True)
+    mine, theirs = dynamic.generate(PROMPTS, n=3, sampling=sampling), gen.generate(PROMPTS, n=3, sampling=sampling)
+    assert texts(mine) == texts(theirs)
+    for a, b in zip((c for cs in mine for c in cs), (c for cs in theirs for c in cs), strict=True):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+    with pytest.raises(ValueError, match="kv_cache = 'paged'"):
+        make_gen(tiny_model, kv_cache="paged")
+
+
 def test_row_sampler_draws_from_the_warped_distribution():
     """prefloop's per-row sampler draws each token with probability softmax(logits / T) restricted to the top-p
     nucleus, as a hand computation gives (4 tokens, 20,000 draws)."""
