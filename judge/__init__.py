@@ -81,6 +81,25 @@ class JudgeKind(Protocol):
     def load(self, cache: JudgeCache | None) -> Judge: ...
 
 
+class ScoringKind:
+    """The answers of a kind that scores each completion and calls no API (`python`, `reward_model`)."""
+
+    def derived(self) -> dict[str, Any]:
+        return {}
+
+    def first_label(self) -> str:
+        return "A"
+
+    def api_models(self) -> list[str]:
+        return []
+
+    def pairwise(self) -> bool:
+        return False
+
+    def rewrites(self) -> bool:
+        return False
+
+
 # The judge kinds, by name: "module:Class" of each kind's options (imported when used).
 KINDS = {
     "python": "prefloop.judge.python:PythonOptions",

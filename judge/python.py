@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from prefloop.config import ConfigError
-from prefloop.judge import Verdict
+from prefloop.judge import ScoringKind, Verdict
 
 RewardFn = Callable[..., list]
 
@@ -123,7 +123,7 @@ class PythonJudge:
 
 
 @dataclass
-class PythonOptions:
+class PythonOptions(ScoringKind):
     """The `python` judge kind (registered in `prefloop.judge.KINDS`): --reward-fn and --batch-size."""
 
     reward_fn: str
@@ -137,21 +137,6 @@ class PythonOptions:
         if not config.reward_fn:
             raise ConfigError("--judge python needs --reward-fn FILE.py:function (or module:function).")
         return cls(config.reward_fn, config.batch_size)
-
-    def derived(self) -> dict[str, Any]:
-        return {}
-
-    def first_label(self) -> str:
-        return "A"
-
-    def api_models(self) -> list[str]:
-        return []
-
-    def pairwise(self) -> bool:
-        return False
-
-    def rewrites(self) -> bool:
-        return False
 
     def load(self, cache: Any = None) -> PythonJudge:
         return PythonJudge(self.reward_fn, batch_size=self.batch_size)

@@ -29,7 +29,7 @@ import torch
 
 from prefloop.config import ConfigError
 from prefloop.device import resolve_device, resolve_dtype
-from prefloop.judge import Verdict
+from prefloop.judge import ScoringKind, Verdict
 from prefloop.judge.cache import CachedJudge, JudgeCache
 from prefloop.records import Prompt
 
@@ -183,7 +183,7 @@ def _output_column(config, output: str | int) -> int:
 
 
 @dataclass
-class RewardModelOptions:
+class RewardModelOptions(ScoringKind):
     """The `reward_model` judge kind (registered in `prefloop.judge.KINDS`): --reward-model and its --rm-* flags."""
 
     model: str
@@ -202,21 +202,6 @@ class RewardModelOptions:
             raise ConfigError("--judge reward_model needs --reward-model PATH (a sequence-classification model).")
         return cls(config.reward_model, config.batch_size, config.dtype, config.rm_output, config.rm_template,
                    config.max_length)
-
-    def derived(self) -> dict[str, Any]:
-        return {}
-
-    def first_label(self) -> str:
-        return "A"
-
-    def api_models(self) -> list[str]:
-        return []
-
-    def pairwise(self) -> bool:
-        return False
-
-    def rewrites(self) -> bool:
-        return False
 
     def load(self, cache: JudgeCache | None = None) -> RewardModelJudge | CachedJudge:
         judge = RewardModelJudge(self.model, batch_size=self.batch_size, dtype=self.dtype, output=self.output,

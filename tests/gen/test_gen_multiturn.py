@@ -53,7 +53,7 @@ def greedy(model, tokenizer, ids: list[int], steps: int) -> str:
 
 
 def test_hf_feeds_the_model_each_conversation_as_its_chat_template_renders_it(tool_model, tokenizer):
-    """One call, two prompts with different template arguments: the rows the model's first forward receives are
+    """One call, two prompts with different template arguments: the rows prefloop hands the model's `generate` are
     exactly `apply_chat_template(conversation, add_generation_prompt=True, tools=..., ...)`, and each completion is
     the model's greedy continuation of them."""
     prompts = [CONVERSATION, [{"role": "user", "content": "7*6="}]]
@@ -64,13 +64,16 @@ def test_hf_feeds_the_model_each_conversation_as_its_chat_template_renders_it(to
 
     gen = HFGenerator(str(tool_model), dtype="float32", device="cpu")
     fed: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hook = gen.model.register_forward_pre_hook(
-        lambda module, args, kw: fed.append((kw["input_ids"].clone(), kw["attention_mask"].clone())) if not fed
-        else None, with_kwargs=True)
+    generate = gen.model.generate  # what the model's generate receives (its forward sees a 4-D mask with a static cache)
+
+    def spy(**kw):
+        fed.append((kw["input_ids"].clone(), kw["attention_mask"].clone()))
+        return generate(**kw)
+
+    gen.model.generate = spy
     out = gen.generate(prompts, n=2, sampling=Sampling(max_new_tokens=6, temperature=0.0,
                                                        chat_template_kwargs=kwargs))
-    hook.remove()
-    ids, mask = fed[0]
+    (ids, mask), = fed
     assert sorted(row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)) == sorted(expected)
     for ids_, completions in zip(expected, out, strict=True):
         assert [c["text"] for c in completions] == [greedy(gen.model, tokenizer, ids_, 6)] * 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from needs import need_module
+from workdirs import write_addition_prompts
 
 need_module("ray", "ray", "pip install 'prefloop[ray]'")
 need_module("ray", "ray.data", "pip install 'prefloop[ray]'")
@@ -40,13 +41,7 @@ CASES = [  # (stage, engine, backend, the engine's own settings)
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Addition prompts with answers, both prompt styles (so the python verifier can judge the candidates)."""
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(N_PROMPTS):
-            a, b = i % 17, (7 * i) % 29
-            prompt = f"{a}+{b}=" if i % 2 else [{"role": "user", "content": f"{a}+{b}="}]
-            f.write(json.dumps({"id": f"q{i:03d}", "prompt": prompt, "answer": str(a + b)}) + "\n")
-    return path
+    return write_addition_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", N_PROMPTS)
 
 
 def gen_config(model: str, prompts: Path, out: Path, backend: str, **kw) -> GenerateConfig:
@@ -95,7 +90,7 @@ def test_every_executor_writes_what_the_local_executor_writes(stage, engine, bac
         local = judge(judge_config(local_runs("hf"), tmp_path / "local.jsonl"))
         out = judge(judge_config(local_runs("hf"), tmp_path / "judgments.jsonl", engine=engine, **settings))
     mine, theirs = by_id(out), by_id(local)
-    assert sorted(mine) == sorted(theirs) == [f"q{i:03d}" for i in range(N_PROMPTS)]
+    assert sorted(mine) == sorted(theirs) == [f"q{i:05d}" for i in range(N_PROMPTS)]
     for rid, record in theirs.items():
         got = mine[rid]
         # Log-probs agree to float noise (the batch around a request differs); every other field exactly.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from needs import need_module
+from workdirs import write_addition_prompts
 
 need_module("ray", "ray", "pip install 'prefloop[ray]'")
 need_module("ray", "ray.data", "pip install 'prefloop[ray]'")
@@ -33,13 +34,7 @@ N_PROMPTS = 1003  # not a multiple of any batch size: the last batch is a partia
 
 
 def write_prompts(path: Path, n: int = N_PROMPTS) -> Path:
-    """Addition prompts with their answers (so the python verifier can score them); both prompt styles."""
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            a, b = i % 97, (7 * i) % 89
-            prompt = f"{a}+{b}=" if i % 2 else [{"role": "user", "content": f"{a}+{b}="}]
-            f.write(json.dumps({"id": f"q{i:05d}", "prompt": prompt, "answer": str(a + b)}) + "\n")
-    return path
+    return write_addition_prompts(path, n)
 
 
 def ids_of(path: Path) -> list[str]:
