@@ -54,7 +54,7 @@ from prefloop.lock import exclusive
 from prefloop.pool import decontaminate_pool, dedup_pool, draw_round
 from prefloop.records import load_prompts
 from prefloop.runstate import StageRun, read_summary
-from prefloop.scoring import eval_summary, judge_vs_gold, mean_length, pairwise_eval
+from prefloop.scoring import eval_summary, fixed_costs, judge_vs_gold, mean_length, pairwise_eval
 from prefloop.store import atomic_write, atomic_write_json, iter_records
 
 log = logging.getLogger(__name__)
@@ -412,22 +412,6 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
     manifest.data["rounds"][k]["fixed_s"] = fixed_costs(manifest.data["rounds"][k])
     manifest.save()
     return trained
-
-
-# A round's fixed costs, from its phases' summaries: what it spends whatever the number of prompts.
-FIXED_COSTS = (("generate", "load_s"), ("judge", "load_s"), ("train", "setup_s"), ("train", "save_s"),
-               ("eval", "load_s"))
-
-
-def fixed_costs(rnd: dict[str, Any]) -> dict[str, float]:
-    """Seconds per fixed cost of a round (model and engine loads, the trainer's setup and the adapter's save) and
-    their `total`; a phase that was resumed as done in an earlier process counts what it recorded then."""
-    costs = {}
-    for name, key in FIXED_COSTS:
-        value = ((rnd.get("phases", {}).get(name) or {}).get("summary") or {}).get(key)
-        if value is not None:
-            costs[f"{name}.{key}"] = value
-    return {**costs, "total": round(sum(costs.values()), 3)}
 
 
 def _uses_vllm(config: LoopConfig) -> bool:

@@ -1,4 +1,4 @@
-"""How the loop scores a round: the held-out answers (accuracy or mean score; a pairwise judge's win rate against
+"""How the loop scores a round (and counts its fixed costs): the held-out answers (accuracy or mean score; a pairwise judge's win rate against
 round 0's answers), and the round's judge against a judge you trust (`gold_judge`, through `prefloop judge-eval`).
 `config` is a `LoopConfig`.
 """
@@ -96,3 +96,19 @@ def judge_vs_gold(config: Any, k: int, judgments: Path) -> dict[str, Any]:
     keys = ("labelled_comparisons", "decided", "accuracy", "accuracy_ci95", "cohens_kappa", "tie_rate",
             "no_verdict_rate", "first_position_win_rate", "length_bias")
     return {key: report.get(key) for key in keys}
+
+
+# A round's fixed costs, from its phases' summaries: what it spends whatever the number of prompts.
+FIXED_COSTS = (("generate", "load_s"), ("judge", "load_s"), ("train", "setup_s"), ("train", "save_s"),
+               ("eval", "load_s"))
+
+
+def fixed_costs(rnd: dict[str, Any]) -> dict[str, float]:
+    """Seconds per fixed cost of a round (model and engine loads, the trainer's setup and the adapter's save) and
+    their `total`; a phase that was resumed as done in an earlier process counts what it recorded then."""
+    costs = {}
+    for name, key in FIXED_COSTS:
+        value = ((rnd.get("phases", {}).get(name) or {}).get("summary") or {}).get(key)
+        if value is not None:
+            costs[f"{name}.{key}"] = value
+    return {**costs, "total": round(sum(costs.values()), 3)}
