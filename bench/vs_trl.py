@@ -89,6 +89,7 @@ class Task:
     loop: dict[str, Any]  # prefloop's demo settings for the task
     lrs: dict[str, list[float]]  # the learning-rate sweep per TRL side
     trl_rows: Callable[[list[dict]], list[dict]] = field(default=lambda rows: rows)  # rows as a TRL dataset takes them
+    online_dpo_batch: int = 32  # OnlineDPO prompts per step (2 answers each)
 
     @property
     def gen(self) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def addition_task(work: Path, base: str | None, quick: bool, log) -> Task:
         train=make_prompts(split_size("train"), seed=0, split="train"),
         heldout=heldout[:200] if quick else heldout,
         reward=reward,
-        evaluate=lambda model, tokenizer, rows: accuracy(model, tokenizer, rows),
+        evaluate=accuracy,
         loop=DEMO,
         # Log-spaced around the demo's DPO rate; OnlineDPO one step lower (at 5e-3 and up it fell to 0% on 11-22).
         lrs={"grpo": [lr / 3, lr, lr * 3], "online-dpo": [lr / 15, lr / 5, lr / 1.5],
@@ -150,6 +151,7 @@ def instructions_task(work: Path, base: str | None, quick: bool, log) -> Task:
         reward=trl_reward,
         evaluate=evaluate,
         loop=INSTRUCTIONS,
+        online_dpo_batch=8,  # 16 answers of up to 160 tokens per step
         lrs={side: [lr / 3, lr, lr * 3] for side in ("grpo", "online-dpo", "online-dpo-ipo")},
         trl_rows=lambda rows: [
             {"prompt": r["prompt"], "constraints_json": json.dumps(r["constraints"])} for r in rows
@@ -177,6 +179,21 @@ def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: in
 
 
 TASKS = {"addition": addition_task, "instructions": instructions_task}
+
+
+def lora_config(train: dict[str, Any]):
+    """The LoRA prefloop's train stage builds for these train settings (`TrainConfig`'s defaults where they say
+    nothing), for the TRL runs."""
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    from prefloop.train.dpo import TrainConfig
+
+    settings = {f.name: f.default for f in fields(TrainConfig)} | train
+    targets = settings["lora_target_modules"]
+    return LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
+                      task_type="CAUSAL_LM", target_modules=targets if targets == "all-linear" else targets.split(","))
 
 
 def load(path: Path, adapter: Path | None = None):
@@ -220,8 +237,9 @@ def run_prefloop(
     name = "offline" if offline else f"prefloop {variant}".strip()
     settings = override(task.loop, variant)
     out, data = work / name.replace(" ", "_"), work / "data" / "train.jsonl"
-    data.parent.mkdir(exist_ok=True)
-    data.write_text("".join(dumps(r) for r in task.train))
+    if not data.exists():  # one pool file for every loop run of the invocation
+        data.parent.mkdir(exist_ok=True)
+        data.write_text("".join(dumps(r) for r in task.train))
     clock, curve, rounds = Clock(), [], []
     k = 0
     while clock.wall < budget and not (offline and k == 1):
@@ -249,7 +267,6 @@ def run_prefloop(
 
 def run_trl(task: Task, side: str, lr: float, work: Path, budget: float, eval_every: float, tokenizer, log) -> dict:
     import datasets
-    from peft import LoraConfig
     from transformers import TrainerCallback
 
     clock, curve, next_eval = Clock(), [], [eval_every]
@@ -280,8 +297,7 @@ def run_trl(task: Task, side: str, lr: float, work: Path, budget: float, eval_ev
                 clock.start()
 
     train = task.loop["train"]
-    lora = LoraConfig(r=train.get("lora_r", 16), lora_alpha=train.get("lora_alpha", 32), lora_dropout=0.0,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = lora_config(train)
     common = dict(output_dir=str(work / name.replace(" ", "_")), learning_rate=lr, max_steps=10**6, seed=0,
                   bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6,
                   gradient_checkpointing=False, disable_tqdm=True, lr_scheduler_type="constant",
@@ -298,7 +314,7 @@ def run_trl(task: Task, side: str, lr: float, work: Path, budget: float, eval_ev
     else:
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-        args = OnlineDPOConfig(**common, per_device_train_batch_size=32 if task.name == "addition" else 8,
+        args = OnlineDPOConfig(**common, per_device_train_batch_size=task.online_dpo_batch,
                                max_new_tokens=task.gen["max_new_tokens"], beta=train["beta"],
                                loss_type="ipo" if side.endswith("ipo") else "sigmoid")
         trainer = OnlineDPOTrainer(model=model, reward_funcs=task.reward, args=args, train_dataset=dataset,

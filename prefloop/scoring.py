@@ -1,6 +1,6 @@
-"""How the loop scores a round (and counts its fixed costs): the held-out answers (accuracy or mean score; a pairwise judge's win rate against
-round 0's answers), and the round's judge against a judge you trust (`gold_judge`, through `prefloop judge-eval`).
-`config` is a `LoopConfig`.
+"""How the loop scores a round: the held-out answers (accuracy or mean score; a pairwise judge's win rate against
+round 0's answers), and the round's judge against a judge you trust (`gold_judge`, through `prefloop judge-eval`);
+and what a round spends whatever its size (`fixed_costs`). `config` is a `LoopConfig`.
 """
 
 from __future__ import annotations
