@@ -1,0 +1,77 @@
+"""gen/attention.py: grouped-query attention kept grouped under a padding mask on a CPU. The logits equal
+transformers' eager attention (its own reference implementation), K and V are no longer copied per group, and
+HFGenerator's greedy answers on a left-padded batch equal transformers' `generate` on each prompt alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers.integrations.sdpa_attention as sdpa_module
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+from prefloop.demo.tiny import build_model, build_tokenizer
+from prefloop.gen import Sampling, attention
+from prefloop.gen.hf import HFGenerator
+
+PROMPTS = ["7", "12+34=", "The quick brown fox jumps over the lazy dog, then", "Hello, w"]
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tmp_path_factory) -> Path:
+    """The tiny Llama with 4 query heads sharing 2 key/value heads (as SmolLM2's 9 share 3)."""
+    tokenizer = build_tokenizer()
+    config = build_model(tokenizer).config
+    config.num_key_value_heads = 2
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("gqa") / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def padded_batch(path: Path):
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    return tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+def count_repeats(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = sdpa_module.repeat_kv
+    monkeypatch.setattr(sdpa_module, "repeat_kv", lambda x, n: calls.append(n) or real(x, n))
+    return calls
+
+
+def test_logits_equal_eager_attention_without_copying_kv(gqa_model, monkeypatch):
+    batch = padded_batch(gqa_model)
+    assert (batch["attention_mask"] == 0).any()  # left padding: the case transformers' sdpa copies K and V for
+    assert attention.implementation("cpu") == attention.NAME and attention.implementation("cuda") == "sdpa"
+    eager = AutoModelForCausalLM.from_pretrained(gqa_model, attn_implementation="eager", dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(gqa_model, attn_implementation=attention.implementation("cpu"),
+                                                dtype=torch.float32)
+    stock = AutoModelForCausalLM.from_pretrained(gqa_model, attn_implementation="sdpa", dtype=torch.float32)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = eager(**batch).logits[real]
+        calls = count_repeats(monkeypatch)
+        torch.testing.assert_close(ours(**batch).logits[real], expected, atol=1e-5, rtol=1e-5)
+        assert calls == []  # K and V stayed grouped
+        torch.testing.assert_close(stock(**batch).logits[real], expected, atol=1e-5, rtol=1e-5)
+        assert calls == [2] * 2 * ours.config.num_hidden_layers  # transformers' own sdpa: K and V repeated per layer
+
+
+def test_hf_generator_greedy_equals_generate_per_prompt(gqa_model):
+    gen = HFGenerator(str(gqa_model), dtype="float32", device="cpu", batch_size=8)
+    assert gen.model.config._attn_implementation == attention.NAME
+    got = [cs[0]["text"] for cs in gen.generate(PROMPTS, 1, Sampling(max_new_tokens=10, temperature=0.0))]
+    gen.close()
+    tokenizer = AutoTokenizer.from_pretrained(gqa_model)
+    eager = AutoModelForCausalLM.from_pretrained(gqa_model, attn_implementation="eager", dtype=torch.float32)
+    for prompt, text in zip(PROMPTS, got, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = eager.generate(**ids, do_sample=False, max_new_tokens=10)
+        assert text == tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True), prompt
