@@ -38,10 +38,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from prefloop import attention
 from prefloop.device import resolve_device, resolve_dtype
 from prefloop.gen import (
     Sampling,
-    attention,
     check_context,
     encode_prompt,
     merge_alternatives,
@@ -86,9 +86,8 @@ class HFGenerator:
             log.warning("hf generator: the tokenizer has no pad token; padding with eos %r", self.tokenizer.eos_token)
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-        # SDPA; on CPUs with grouped-query attention kept grouped under padding masks (gen/attention.py).
-        net = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype,
-                                                   attn_implementation=attention.implementation(self.device))
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, attn_implementation="sdpa")
+        attention.use_on(net, self.device)  # on CPUs, GQA stays grouped under padding masks (prefloop/attention.py)
         if adapter:
             from peft import PeftModel
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from prefloop import attention
 from prefloop.config import ConfigError
 from prefloop.device import resolve_device, resolve_dtype
 from prefloop.judge import ScoringKind, Verdict
@@ -62,6 +63,7 @@ class RewardModelJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.tokenizer.padding_side = "right"
         net = AutoModelForSequenceClassification.from_pretrained(model, dtype=self.dtype)
+        attention.use_on(net, self.device)  # on CPUs, GQA stays grouped under padding masks (prefloop/attention.py)
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"{model}: the tokenizer has neither a pad nor an eos token; add one of them.")

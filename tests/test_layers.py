@@ -17,7 +17,7 @@ PACKAGES = {"prefloop": "prefloop", "gen": "prefloop.gen", "judge": "prefloop.ju
 
 FOUNDATION = {"prefloop", "prefloop.errors", "prefloop.engine", "prefloop.config", "prefloop.store", "prefloop.runstate",
               "prefloop.records", "prefloop.device", "prefloop.progress", "prefloop.lock", "prefloop.models",
-              "prefloop.budget", "prefloop.hygiene", "prefloop.pool", "prefloop.prompts"}
+              "prefloop.budget", "prefloop.hygiene", "prefloop.pool", "prefloop.prompts", "prefloop.attention"}
 ENGINES_LOOP = {"prefloop.ray_engine", "prefloop.ray_llm", "prefloop.loop", "prefloop.report",
                 "prefloop.report_text", "prefloop.scoring"}
 DEMO = {"prefloop.demo", "prefloop.tasks"}  # and every module in them: the demos, the tasks, the model builders

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefloop import attention
 from prefloop.config import ConfigError, add_arguments, field, from_args, to_dict
 from prefloop.device import resolve_device, resolve_dtype
 from prefloop.lock import output_lock
@@ -253,6 +254,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
     adapter = resolve_adapter(config.adapter) if config.adapter is not None else None
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=weights_dtype)
+    attention.use_on(model, device)  # on CPUs, GQA stays grouped under padding masks (prefloop/attention.py)
     peft_config = None
     if config.lora and config.adapter is None:
         targets = config.lora_target_modules

@@ -5,10 +5,12 @@ among `num_key_value_groups` query heads. transformers 5.19's `sdpa_attention_fo
 `torch.nn.functional.scaled_dot_product_attention` only when there is no attention mask (CUDA's fast kernels need
 none); with a mask -- every left-padded batch -- it first copies K and V `groups` times (`repeat_kv`). In batched
 decoding that copy is of the whole KV cache, at every layer and every step. torch's CPU kernel takes a mask and
-`enable_gqa` together, and gives the same numbers without the copy (tests/gen/test_attention.py).
+`enable_gqa` together, and gives the same numbers without the copy (tests/test_attention.py).
 
-`implementation(device)` names the attention to load a model with: this one on CPUs, transformers' `sdpa`
-elsewhere. Every case this module does not change (no mask, no GQA, a paged cache, position biases, another
+`implementation(device)` names the attention to use: this one on CPUs, transformers' `sdpa` elsewhere. `use_on`
+switches a loaded model that runs transformers' `sdpa` to it. The hf generator, the train stage and the reward
+model use it; training gets the same saving in
+the forward and its backward (the gradients equal eager attention's, tests/test_attention.py). Every case this module does not change (no mask, no GQA, a paged cache, position biases, another
 device) goes to transformers' own function unchanged.
 """
 
@@ -53,3 +55,13 @@ def implementation(device) -> str:
         AttentionInterface.register(NAME, sdpa_grouped)
         AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks transformers builds for `sdpa`
     return NAME
+
+
+def use_on(model, device) -> str:
+    """Switch `model` (loaded, not yet wrapped by PEFT) from transformers' `sdpa` to `implementation(device)`; any
+    other attention (eager, flash, a model without the attention interface) stays. Returns the one in use."""
+    current = model.config._attn_implementation
+    wanted = implementation(device)
+    if current == "sdpa" and wanted != current:
+        model.set_attn_implementation(wanted)
+    return model.config._attn_implementation
