@@ -269,6 +269,9 @@ def run_trl(task: Task, side: str, lr: float, work: Path, budget: float, eval_ev
     import datasets
     from transformers import TrainerCallback
 
+    from prefloop import attention
+    from prefloop.train.kernels import size_lm_head_tiles
+
     clock, curve, next_eval = Clock(), [], [eval_every]
     name = f"{side} lr={lr:.2g}"
 
@@ -304,6 +307,10 @@ def run_trl(task: Task, side: str, lr: float, work: Path, budget: float, eval_ev
                   temperature=task.gen["temperature"], top_k=0)
     dataset = datasets.Dataset.from_list(task.trl_rows(task.train))
     model = load(task.base)
+    # The same CPU kernels prefloop's own train stage gets (LM-head tiles, grouped GQA): methods are compared here,
+    # not kernels. On the demo model neither changes anything (small vocabulary, no GQA); on SmolLM2 both do.
+    size_lm_head_tiles("cpu")
+    attention.use_on(model, "cpu")
     if side == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 

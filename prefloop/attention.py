@@ -9,9 +9,9 @@ decoding that copy is of the whole KV cache, at every layer and every step. torc
 
 `implementation(device)` names the attention to use: this one on CPUs, transformers' `sdpa` elsewhere. `use_on`
 switches a loaded model that runs transformers' `sdpa` to it. The hf generator, the train stage and the reward
-model use it; training gets the same saving in
-the forward and its backward (the gradients equal eager attention's, tests/test_attention.py). Every case this module does not change (no mask, no GQA, a paged cache, position biases, another
-device) goes to transformers' own function unchanged.
+model use it; training gets the same saving in the forward and in its backward (the gradients equal eager
+attention's, tests/test_attention.py). Every case this module does not change (no mask, no GQA, a paged cache,
+position biases, another device) goes to transformers' own function unchanged.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ def gqa_model(tmp_path_factory) -> Path:
     config.num_key_value_heads = 2
     torch.manual_seed(1)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    ids = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    model.generation_config = GenerationConfig(**ids)
     out = tmp_path_factory.mktemp("gqa") / "model"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -71,7 +71,8 @@ def test_gradients_equal_eager_attention(gqa_model):
     real = batch["attention_mask"].bool()
     grads = []
     for implementation in ("eager", attention.implementation("cpu")):
-        model = AutoModelForCausalLM.from_pretrained(gqa_model, attn_implementation=implementation, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gqa_model, attn_implementation=implementation,
+                                                     dtype=torch.float32)
         logits = model(**batch).logits[:, :-1]
         labels = batch["input_ids"][:, 1:]
         logps = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)

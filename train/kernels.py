@@ -8,8 +8,8 @@ is most of a LoRA DPO step's memory, and slower than small tiles that stay in ca
 
     python bench/dpo_train.py --cases smollm2-instructions     # bench/results/dpo_train-smollm2.json
 
-measured on SmolLM2-135M-Instruct, batch 8 chat pairs (~3,400 tokens a forward), LoRA: with TRL's tiles 7.5 GB peak
-and 153 tokens/s; with 512 x 4,096 (8 MB) 2.9 GB and 272 tokens/s. In a one-off probe before that run, tiles from
+measured on SmolLM2-135M-Instruct, batch 8 chat pairs (~3,400 tokens a forward), LoRA: with TRL's tiles 7.3 GB peak
+and 154 tokens/s; with 512 x 4,096 (8 MB) 3.3 GB and 229 tokens/s. In a one-off probe before that run, tiles from
 256 x 4,096 to 2,048 x 8,192 all came within 10% of each other. The result is the same sums in another order
 (tests/train/test_kernels.py checks log-probs and gradients against `log_softmax` of the model's own logits).
 
@@ -43,7 +43,7 @@ def size_lm_head_tiles(device_type: str) -> tuple[int, int] | None:
         except ImportError:
             module = None
         if module is None or not isinstance(getattr(module, attr, None), int):
-            log.info("train: %s.%s not found in this TRL; its own LM-head tiles stay (more memory on a CPU)", name, attr)
+            log.info("train: %s.%s not in this TRL; its own LM-head tiles stay (more memory on a CPU)", name, attr)
             return None
         modules.append(module)
     for module, (_, attr), size in zip(modules, _SITES, CPU_TILES, strict=True):
