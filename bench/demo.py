@@ -2,7 +2,7 @@
 
     python bench/demo.py                      # -> bench/results/demo.json (about 5 minutes on 2 cores)
     python bench/demo.py --backend vllm --rounds 2 --out-json bench/results/demo-vllm.json
-    python bench/demo.py --task instructions --out-json bench/results/demo-instructions.json   # SmolLM2, ~40 min
+    python bench/demo.py --task instructions --out-json bench/results/demo-instructions.json   # SmolLM2, ~20-40 min
     python bench/demo.py --task instructions --config bench/length_control.yaml \
         --out-json bench/results/demo-instructions-length.json      # the same with length control on
     python bench/readme.py                    # then the README's tables are rendered from the results

@@ -336,7 +336,7 @@ class _RowSampler(LogitsProcessor):
             logits = warp(input_ids, logits)
         # Inverse-CDF: one uniform draw per row against the row's cumulative probabilities (in float64, so a token's
         # share of [0, 1) is its probability to ~1e-16). `torch.multinomial` drew one exponential per vocabulary
-        # entry instead: 21% of decoding time on a 49k vocabulary (bench/README.md, section 1).
+        # entry instead: 16-21% of decoding time on a 49k vocabulary (bench/README.md, section 1).
         cdf = logits.softmax(-1).cpu().double().cumsum(-1)
         draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
         # right=True: the first token whose cumulative sum exceeds the draw; a zero-probability token (cut by top-k or
