@@ -141,8 +141,6 @@ def dpo_smollm2() -> str:
               "trl": "TRL default (full fine-tune + ref copy)"}
     rows = ["| row | s/step | tokens/s | CPU s | peak RSS MB | +RSS MB (training) |", "| --- | --- | --- | --- | --- | --- |"]
     for key, label in labels.items():
-        if key not in run["rows"]:
-            continue
         r = run["rows"][key]
         rows.append(f"| {label} | {r['seconds'] / r['steps_timed']:.1f} | {r['tokens_per_s']:,.0f} | "
                     f"{r['cpu_seconds']:.0f} | {r['peak_rss_mb']:,.0f} | {r['train_rss_mb']:,.0f} |")
