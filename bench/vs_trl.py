@@ -20,8 +20,9 @@ Runs
                     addition demo's settings before this benchmark changed them: 2,048 prompts per round; the
                     settings it chose are the `prompts_per_round=9000` row of vs_trl-variants.json.)
   prefloop K=V,...  (--variant) the same with some demo settings changed.
-  offline           the same settings, but ONE round on the whole training pool: every pair is sampled from the base
-                    model (offline DPO on one large batch); evaluated once, when it is done.
+  offline           the same settings, but ONE round on the whole training pool (instructions: on 384 prompts, two
+                    rounds' worth): every pair is sampled from the base model (offline DPO on one large batch);
+                    evaluated once, when it is done.
   grpo@lr           `trl.GRPOTrainer` at its recommended settings (8 generations per prompt at T=1, the `dapo` loss,
                     beta 0, one update per generation batch), the demo's LoRA, 32 completions per step.
   online-dpo@lr     `OnlineDPOTrainer`: 2 samples per prompt from the policy itself, the verifier picks the chosen
@@ -90,6 +91,7 @@ class Task:
     lrs: dict[str, list[float]]  # the learning-rate sweep per TRL side
     trl_rows: Callable[[list[dict]], list[dict]] = field(default=lambda rows: rows)  # rows as a TRL dataset takes them
     online_dpo_batch: int = 32  # OnlineDPO prompts per step (2 answers each)
+    offline_prompts: int | None = None  # the offline run's one round (None: the whole pool)
 
     @property
     def gen(self) -> dict[str, Any]:
@@ -152,6 +154,9 @@ def instructions_task(work: Path, base: str | None, quick: bool, log) -> Task:
         evaluate=evaluate,
         loop=INSTRUCTIONS,
         online_dpo_batch=8,  # 16 answers of up to 160 tokens per step
+        # Not the 2,000-prompt pool: sampling it takes ~1.5 h here. One batch of the prompts the loop's rounds see in
+        # about the same time (2 rounds of 192 fill ~600 s), all sampled from the base model.
+        offline_prompts=2 * INSTRUCTIONS["prompts_per_round"],
         lrs={side: [lr / 3, lr, lr * 3] for side in ("grpo", "online-dpo", "online-dpo-ipo")},
         trl_rows=lambda rows: [
             {"prompt": r["prompt"], "constraints_json": json.dumps(r["constraints"])} for r in rows
@@ -159,8 +164,12 @@ def instructions_task(work: Path, base: str | None, quick: bool, log) -> Task:
     )
 
 
-def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: int, batch_size: int = 25) -> list[str]:
+def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: int, batch_size: int = 100,
+                static: bool = True) -> list[str]:
+    """Greedy answers, in batches on a preallocated KV cache (transformers' StaticCache, as prefloop's hf backend
+    decodes): the same tokens as the default dynamic cache, faster, so evaluations cost less of the session."""
     import torch
+    from transformers import StaticCache
 
     texts: list[str] = []
     model.eval()
@@ -171,10 +180,13 @@ def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: in
                 for m in messages[i : i + batch_size]
             ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            width = enc["input_ids"].shape[1]
+            cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens) if static else None
             out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                past_key_values=cache,
             )
-            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return texts
 
 
@@ -205,6 +217,9 @@ def load(path: Path, adapter: Path | None = None):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    from prefloop import attention
+
+    attention.use_on(model, "cpu")  # the kernels the TRL runs and prefloop's stages use (same results, faster)
     return model
 
 
@@ -243,12 +258,14 @@ def run_prefloop(
     clock, curve, rounds = Clock(), [], []
     k = 0
     while clock.wall < budget and not (offline and k == 1):
+        if curve and clock.wall + curve[-1]["t"] / k > budget * 1.1:
+            break  # a round as long as the mean one so far would end well past the budget, where nothing is compared
         k += 1
         # No loop eval (it would count as training time): accuracy comes from the shared evaluation below.
         values = {**settings, "out": str(out), "model": str(task.base), "prompts": str(data),
                   "eval_prompts": None, "rounds": k}
         if offline:
-            values["prompts_per_round"] = len(task.train)
+            values["prompts_per_round"] = task.offline_prompts or len(task.train)
         clock.start()
         run_loop(from_dict(LoopConfig, values, "bench settings"))
         clock.stop()
@@ -259,21 +276,25 @@ def run_prefloop(
             {"round": k, "phases": {p: v.get("seconds") for p, v in manifest["rounds"][k]["phases"].items()}}
         )
         log(f"{name} round {k}: t={clock.wall:.0f}s cpu={clock.cpu:.0f}s accuracy {acc:.3f}")
-    described = f"{task.name} demo settings" + (f", one round of {len(task.train)} prompts" if offline else "")
+    described = f"{task.name} demo settings" + (
+        f", one round of {task.offline_prompts or len(task.train)} prompts" if offline else "")
     return {"name": name, "side": "offline" if offline else "prefloop",
             "settings": described + (f", with {variant}" if variant else ""), "variant": variant, "curve": curve,
             "rounds": rounds, "train_s": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1)}
+
+
+def trl_name(side: str, lr: float) -> str:
+    return f"{side} lr={lr:.2g}"
 
 
 def run_trl(task: Task, side: str, lr: float, work: Path, budget: float, eval_every: float, tokenizer, log) -> dict:
     import datasets
     from transformers import TrainerCallback
 
-    from prefloop import attention
     from prefloop.train.kernels import size_lm_head_tiles
 
     clock, curve, next_eval = Clock(), [], [eval_every]
-    name = f"{side} lr={lr:.2g}"
+    name = trl_name(side, lr)
 
     class BudgetAndEval(TrainerCallback):
         """Evaluates every `eval_every` training seconds (clock stopped) and ends training at the budget."""
@@ -306,11 +327,10 @@ def run_trl(task: Task, side: str, lr: float, work: Path, budget: float, eval_ev
                   gradient_checkpointing=False, disable_tqdm=True, lr_scheduler_type="constant",
                   temperature=task.gen["temperature"], top_k=0)
     dataset = datasets.Dataset.from_list(task.trl_rows(task.train))
+    # The same CPU kernels prefloop's own train stage gets (LM-head tiles, grouped GQA, the latter set by `load`):
+    # methods are compared here, not kernels. On the demo model neither changes anything (small vocabulary, no GQA).
     model = load(task.base)
-    # The same CPU kernels prefloop's own train stage gets (LM-head tiles, grouped GQA): methods are compared here,
-    # not kernels. On the demo model neither changes anything (small vocabulary, no GQA); on SmolLM2 both do.
     size_lm_head_tiles("cpu")
-    attention.use_on(model, "cpu")
     if side == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -355,6 +375,8 @@ def main() -> None:
                         help="also run the loop with these demo settings changed, e.g. train.epochs=2 (repeatable)")
     parser.add_argument("--base", help="reuse this base model dir (addition: `python -m prefloop.demo.pretrain DIR`)")
     parser.add_argument("--quick", action="store_true", help="smoke check: weak base, short budget, one lr per side")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs the results file already holds (same task and budget); run the rest")
     parser.add_argument("--out", help="results file (default bench/results/vs_trl[-task][-variants][.quick].json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -372,26 +394,50 @@ def main() -> None:
     if args.quick:
         task.lrs = {side: lrs[1:2] for side, lrs in task.lrs.items()}
     tokenizer = AutoTokenizer.from_pretrained(task.base)
-    base_acc = task.evaluate(load(task.base), tokenizer, task.heldout)
-    log(f"base held-out accuracy {base_acc:.3f} ({len(task.heldout)} prompts)")
 
-    runs = []
-    for side, lr in parse_runs(args.runs, task):
-        if lr is None:
-            runs.append(run_prefloop(task, work, budget, tokenizer, log, offline=side == "offline"))
-        else:
-            runs.append(run_trl(task, side, lr, work, budget, eval_every, tokenizer, log))
-    for variant in args.variant:
-        runs.append(run_prefloop(task, work, budget, tokenizer, log, variant=variant))
-
-    base = {"model": "prefloop.demo.pretrain" if addition else str(task.base), "accuracy": base_acc,
-            "heldout": len(task.heldout)}
-    result = summarize({"date": time.strftime("%Y-%m-%d"), "task": task.name, "quick": args.quick,
-                        "budget_s": budget, "base": base, "machine": machine(), "lrs": task.lrs, "runs": runs})
     stem = "vs_trl" + ("" if addition else f"-{task.name}") + ("-variants" if args.variant else "")
     out = Path(args.out or RESULTS / f"{stem}{'.quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    # An invocation runs for hours: the file is rewritten after every run, and --resume keeps the runs it holds.
+    earlier = json.loads(out.read_text()) if args.resume and out.exists() else None
+    if earlier and (earlier["task"], earlier["budget_s"]) != (task.name, budget):
+        raise SystemExit(f"--resume: {out} holds task {earlier['task']!r} at budget {earlier['budget_s']} s, not "
+                         f"{task.name!r} at {budget} s; fix: pass the same --task/--budget, or drop --resume")
+    runs = earlier["runs"] if earlier else []
+    if earlier:
+        base_acc = earlier["base"]["accuracy"]
+        log(f"resuming {out}: {len(runs)} runs done, base held-out accuracy {base_acc:.3f}")
+    else:
+        base_acc = task.evaluate(load(task.base), tokenizer, task.heldout)
+        log(f"base held-out accuracy {base_acc:.3f} ({len(task.heldout)} prompts)")
+    base = {"model": "prefloop.demo.pretrain" if addition else str(task.base), "accuracy": base_acc,
+            "heldout": len(task.heldout)}
+    todo: list[tuple[str, Callable[[], dict]]] = []
+    for side, lr in parse_runs(args.runs, task):
+        if lr is None:
+            offline = side == "offline"
+            todo.append((side, lambda o=offline: run_prefloop(task, work, budget, tokenizer, log, offline=o)))
+        else:
+            todo.append((trl_name(side, lr),
+                         lambda s=side, x=lr: run_trl(task, s, x, work, budget, eval_every, tokenizer, log)))
+    for variant in args.variant:
+        todo.append((f"prefloop {variant}", lambda v=variant: run_prefloop(task, work, budget, tokenizer, log,
+                                                                          variant=v)))
+
+    def write(complete: bool) -> dict:
+        result = summarize({"date": time.strftime("%Y-%m-%d"), "task": task.name, "quick": args.quick,
+                            "budget_s": budget, "base": base, "machine": machine(), "lrs": task.lrs,
+                            "offline_prompts": task.offline_prompts, "complete": complete, "runs": runs})
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    for name, run in todo:
+        if any(r["name"] == name for r in runs):
+            log(f"{name}: in {out} already, skipped")
+            continue
+        runs.append(run())
+        write(complete=False)
+    result = write(complete=True)
     plot(result, out.with_suffix(".png"))
     print(table(result) + f"\n\nwrote {out} and {out.with_suffix('.png').name}")
     shutil.rmtree(work, ignore_errors=True)
