@@ -33,7 +33,14 @@ from typing import Any
 from prefloop.config import ConfigError, field
 from prefloop.errors import StageFailed
 from prefloop.judge.card import check_disk_dir, publish
-from prefloop.judge.formats import axolotl_snippet, from_judgments, from_pairs, length_stats, llamafactory_info
+from prefloop.judge.formats import (
+    axolotl_snippet,
+    from_judgments,
+    from_pairs,
+    length_stats,
+    llamafactory_info,
+    template_args_not_kept,
+)
 from prefloop.judge.pairs import load_judgments
 from prefloop.lock import exclusive
 from prefloop.runstate import StageRun
@@ -186,6 +193,14 @@ def run(config: ExportConfig) -> Path:
     summary = state.summary()
     if not done:
         extra: dict[str, Any] = {"answers_dropped": dict(sorted(dropped.items()))} if dropped else {}
+        lost, names = template_args_not_kept(config.format, source) if kind == "pairs" else (0, [])
+        if lost:
+            extra["template_args_not_kept"] = lost
+            log.warning(
+                "export: %d of %d pairs were generated with chat-template arguments (%s) that %s rows have no field "
+                "for; they are written, and a trainer renders their prompts without them unless its own config sets "
+                "them. kto and sft rows keep them.", lost, len(source), ", ".join(names), config.format,
+            )
         if config.format == "kto":
             extra["labels"] = {
                 "desirable": sum(r["label"] for r in rows),

@@ -15,6 +15,11 @@
   `<stem>.axolotl.yaml`, the `datasets:` entry to paste into an axolotl config.
 Conversational inputs stay conversational (answers are one assistant message); text prompts stay text, except in the
 message layouts (`messages`, llamafactory, axolotl), where a text prompt is one user turn.
+Chat-template arguments the prompt was generated with stay with it where the format can hold them: `tools` (a JSON
+string) and `chat_template_kwargs` on kto and sft rows, as TRL's trainers read them, and `tools` on llamafactory rows
+(its `tools` column); rows that are the same but for them stay apart. What a format cannot hold (axolotl's rows,
+llamafactory's other arguments) is counted in the summary (`template_args_not_kept`) and warned about; the rows
+are written.
 
 Failure semantics: a combination that cannot work (kto from judgments without a threshold, a pair layout from
 judgments, ranked from pairs, a pairwise judgment) raises `ConfigError` or `InputError` before anything is written.
@@ -31,7 +36,7 @@ from typing import Any
 import yaml
 
 from prefloop.config import ConfigError
-from prefloop.judge.pairs import MARGIN_EPS, usable
+from prefloop.judge.pairs import MARGIN_EPS, template_fields, usable
 from prefloop.lock import output_lock
 from prefloop.runstate import sidecar
 from prefloop.store import InputError, atomic_write, atomic_write_json, iter_records
@@ -52,10 +57,20 @@ def _text(answer: Any) -> str:
     return answer if isinstance(answer, str) else answer[-1]["content"]
 
 
-def _sft(config: Any, prompt: Any, text: str) -> dict[str, Any]:
+def _sft(config: Any, prompt: Any, text: str, fields: dict[str, Any]) -> dict[str, Any]:
     if config.sft_style == "messages":
-        return {"messages": [*_as_messages(prompt), {"role": "assistant", "content": text}]}
-    return {"prompt": prompt, "completion": _answer(prompt, text)}
+        return {"messages": [*_as_messages(prompt), {"role": "assistant", "content": text}], **fields}
+    return {"prompt": prompt, "completion": _answer(prompt, text), **fields}
+
+
+def _fields(pair: dict[str, Any]) -> dict[str, Any]:
+    """A pair's chat-template arguments (judge/pairs.py writes them as TRL reads them)."""
+    return {k: pair[k] for k in ("tools", "chat_template_kwargs") if pair.get(k)}
+
+
+def _key(prompt: Any, fields: dict[str, Any]) -> str:
+    """One prompt as rendered: the same messages with other tools or template arguments are another prompt."""
+    return json.dumps([prompt, fields], sort_keys=True)
 
 
 def from_judgments(
@@ -86,12 +101,14 @@ def from_judgments(
             rows.append(_ranked(j))
             continue
         items = usable(j, config.keep_truncated, skipped if fmt == "kto" else dropped)
+        fields = template_fields(j.get("chat_template_kwargs"))
         if fmt == "kto":
             rows += [
                 {
                     "prompt": j["prompt"],
                     "completion": _answer(j["prompt"], it[2]),
                     "label": it[1] >= config.threshold - MARGIN_EPS,
+                    **fields,
                 }
                 for it in items  # (index, score, text, ...)
             ]
@@ -102,7 +119,7 @@ def from_judgments(
             if config.threshold is not None and score < config.threshold - MARGIN_EPS:
                 skipped["below_threshold"] += 1
             else:
-                rows.append(_sft(config, j["prompt"], text))
+                rows.append(_sft(config, j["prompt"], text, fields))
     return rows
 
 
@@ -142,18 +159,19 @@ def from_pairs(config: Any, pairs: list[dict[str, Any]], skipped: Counter) -> li
             "is better). Fix: drop --threshold, or export the judgments file."
         )
     if fmt == "kto":
-        groups: dict[tuple[str, str], tuple[Any, list[bool]]] = {}
+        groups: dict[tuple[str, str], tuple[dict[str, Any], list[bool]]] = {}
         for p in pairs:
             for answer, label in ((p["chosen"], True), (p["rejected"], False)):
-                key = (json.dumps(p["prompt"], sort_keys=True), _text(answer))
-                groups.setdefault(key, (p["prompt"], []))[1].append(label)
+                key = (_key(p["prompt"], _fields(p)), _text(answer))
+                groups.setdefault(key, (p, []))[1].append(label)
         rows = []
-        for (_, text), (prompt, labels) in groups.items():
+        for (_, text), (p, labels) in groups.items():
             if len(set(labels)) > 1:  # better than one answer and worse than another: no absolute label
                 skipped["conflicting_labels"] += len(labels)
                 continue
             skipped["duplicate"] += len(labels) - 1
-            rows.append({"prompt": prompt, "completion": _answer(prompt, text), "label": labels[0]})
+            rows.append({"prompt": p["prompt"], "completion": _answer(p["prompt"], text), "label": labels[0],
+                         **_fields(p)})
         return rows
     if fmt == "sft":
         if config.threshold is not None and any(p.get("score_chosen") is None for p in pairs):
@@ -168,7 +186,7 @@ def from_pairs(config: Any, pairs: list[dict[str, Any]], skipped: Counter) -> li
             return float("-inf") if score is None else score, -(p.get("meta") or {}).get("chosen_index", 0)
 
         for p in pairs:
-            key = json.dumps(p["prompt"], sort_keys=True)
+            key = _key(p["prompt"], _fields(p))
             if key in best:
                 skipped["same_prompt"] += 1
             if key not in best or rank(p) > rank(best[key]):
@@ -178,7 +196,7 @@ def from_pairs(config: Any, pairs: list[dict[str, Any]], skipped: Counter) -> li
             if config.threshold is not None and p["score_chosen"] < config.threshold - MARGIN_EPS:
                 skipped["below_threshold"] += 1
             else:
-                rows.append(_sft(config, p["prompt"], _text(p["chosen"])))
+                rows.append(_sft(config, p["prompt"], _text(p["chosen"]), _fields(p)))
         return rows
     if fmt == "axolotl":
         return [_axolotl(p) for p in pairs]
@@ -190,6 +208,20 @@ def from_pairs(config: Any, pairs: list[dict[str, Any]], skipped: Counter) -> li
         else:
             rows.append(row)
     return rows
+
+
+def template_args_not_kept(fmt: str, pairs: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """How many pairs carry chat-template arguments that `fmt`'s rows have no field for, and which arguments."""
+    if fmt in ("kto", "sft"):
+        return 0, []
+    count, names = 0, set()
+    for p in pairs:
+        fields = _fields(p)
+        lost = ({"tools"} if "tools" in fields and fmt != "llamafactory" else set()) | set(
+            fields.get("chat_template_kwargs") or {})
+        count += bool(lost)
+        names |= lost
+    return count, sorted(names)
 
 
 def _axolotl(p: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +254,8 @@ def _llamafactory(p: dict[str, Any]) -> dict[str, Any] | str:
         "chosen": {"from": "gpt", "value": _text(p["chosen"])},
         "rejected": {"from": "gpt", "value": _text(p["rejected"])},
     }
+    if p.get("tools"):
+        row["tools"] = p["tools"]  # a JSON string, as LLaMA-Factory's `tools` column holds them
     return {**row, "system": system} if system is not None else row
 
 
@@ -270,8 +304,9 @@ def llamafactory_info(config: Any, out: Path, rows: list[dict[str, Any]], write:
         if other not in (None, out.name):
             raise ConfigError(f"{path} already has a dataset {name!r} ({other}). Fix: pass --name with another name.")
         columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}
-        if any("system" in r for r in rows):  # LLaMA-Factory reads a mapped column from every row: map it if it exists
-            columns["system"] = "system"
+        for column in ("system", "tools"):  # LLaMA-Factory reads a mapped column from every row: map it if it exists
+            if any(column in r for r in rows):
+                columns[column] = column
         info[name] = {"file_name": out.name, "formatting": "sharegpt", "ranking": True, "columns": columns}
         if write:
             atomic_write_json(path, info)

@@ -209,6 +209,15 @@ def select_comparisons(
     return out
 
 
+def template_fields(chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The chat-template arguments a prompt was rendered with, as TRL's trainers read them from a row: `tools` as a
+    JSON string, the rest as `chat_template_kwargs`; nothing for a prompt rendered without any."""
+    rest = dict(chat_template_kwargs or {})
+    tools = rest.pop("tools", None)
+    fields: dict[str, Any] = {"tools": json.dumps(tools, ensure_ascii=False)} if tools else {}
+    return fields | ({"chat_template_kwargs": rest} if rest else {})
+
+
 def to_trl(judgment: dict[str, Any], chosen: tuple, rejected: tuple, pair_id: str, meta: dict) -> dict[str, Any]:
     """One record in TRL's preference format (conversational for message prompts, standard for text)."""
     prompt = judgment["prompt"]
@@ -222,12 +231,7 @@ def to_trl(judgment: dict[str, Any], chosen: tuple, rejected: tuple, pair_id: st
         "chosen": wrap(chosen[2]),
         "rejected": wrap(rejected[2]),
     }
-    template_kwargs = dict(judgment.get("chat_template_kwargs") or {})
-    tools = template_kwargs.pop("tools", None)
-    if tools:
-        record["tools"] = json.dumps(tools, ensure_ascii=False)
-    if template_kwargs:
-        record["chat_template_kwargs"] = template_kwargs
+    record.update(template_fields(judgment.get("chat_template_kwargs")))
     return {**record, "score_chosen": chosen[1], "score_rejected": rejected[1], "margin": chosen[1] - rejected[1],
             "meta": meta}
 

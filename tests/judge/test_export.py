@@ -286,6 +286,72 @@ def test_exports_train_one_step_with_trl(tmp_path, tiny_model, fmt, conv):
     assert result.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
 
 
+# --- chat-template arguments (tools, enable_thinking) stay with the prompts they rendered ----------------------------
+
+
+def tool_pairs() -> list[dict]:
+    """Pairs as `prefloop pairs` writes them for prompts generated with tools and enable_thinking=false; the last two
+    are one prompt and one answer text under two different tool lists."""
+    from toolchat import tool
+
+    history = [{"role": "user", "content": "0+0="}, {"role": "assistant", "content": "0"}]
+    rows = [pair(f"p{i}", [*history, *msgs(f"{i}+1=")], str(i + 1), str(i + 2), 1.0, 0.0, 0, 1, True) for i in range(3)]
+    for row, tools in zip(rows, ([tool("add")], [tool("add")], [tool("mul")]), strict=True):
+        row.update(tools=json.dumps(tools), chat_template_kwargs={"enable_thinking": False})
+    rows[2]["prompt"], rows[2]["chosen"] = rows[1]["prompt"], rows[1]["chosen"]
+    return rows
+
+
+@pytest.mark.parametrize(("fmt", "ids"), [("kto", "prompt_ids"), ("sft", "input_ids")])
+def test_kto_and_sft_exports_keep_the_tools_and_trl_renders_with_them(tmp_path, fmt, ids):
+    """The rows keep `tools` and `chat_template_kwargs`; the same prompt and answer under other tools stays a row of
+    its own (not a duplicate); TRL's own trainer, reading the export with `load_dataset("json")`, tokenizes the
+    prompts through the chat template with those tools and arguments (the template writes them as a first line)."""
+    import datasets
+    import trl
+    from toolchat import save_tool_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = tool_pairs()
+    out = export(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", rows), fmt)
+    written = read_jsonl(out)
+    assert [(r["tools"], r["chat_template_kwargs"]) for r in written] == [
+        (p["tools"], {"enable_thinking": False}) for p in (rows if fmt == "sft" else [x for p in rows for x in (p, p)])
+    ]
+    assert read_summary(out)["skipped"] == {} and "template_args_not_kept" not in read_summary(out)
+
+    model_dir = save_tool_model(tmp_path / "tool-model")
+    ds = datasets.load_dataset("json", data_files=str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    common = dict(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                  report_to=[], max_length=128, save_strategy="no")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    if fmt == "kto":
+        trainer = trl.KTOTrainer(model=model, args=trl.KTOConfig(**common), train_dataset=ds, processing_class=tokenizer)
+    else:
+        trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**common), train_dataset=ds, processing_class=tokenizer)
+    rendered = [tokenizer.decode(example[ids]) for example in trainer.train_dataset]
+    assert [r.split("\n")[:2] for r in rendered] == [
+        [f"tools: {json.loads(r['tools'])[0]['function']['name']}", "no-think"] for r in written
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["llamafactory", "axolotl"])
+def test_formats_without_a_field_for_template_arguments_count_them_and_keep_the_rows(tmp_path, fmt, caplog):
+    """llamafactory keeps `tools` (its `tools` column, mapped in dataset_info.json) but has no field for
+    enable_thinking; axolotl rows hold neither: every row is written, and the summary and a warning say so."""
+    rows = tool_pairs()
+    with caplog.at_level("WARNING"):
+        out = export(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", rows), fmt)
+    written, summary = read_jsonl(out), read_summary(out)
+    assert len(written) == 3 and summary["template_args_not_kept"] == 3
+    if fmt == "llamafactory":
+        assert [r["tools"] for r in written] == [p["tools"] for p in rows]
+        assert json.loads((tmp_path / "dataset_info.json").read_text())["llamafactory"]["columns"]["tools"] == "tools"
+        assert "(enable_thinking)" in caplog.text
+    else:
+        assert all("tools" not in r for r in written) and "(enable_thinking, tools)" in caplog.text
+
+
 # --- LLaMA-Factory and axolotl: their documented layouts and the files beside the output --------------------------
 
 
