@@ -101,6 +101,8 @@ class LoopConfig:
     max_budget_usd: float | None = field(
         None, help="Stop the run cleanly once its openai-backend stages, over all rounds, could spend more than "
         "this many USD (needs prices for their models); raise it and re-run to resume.", hash=False)
+    dry_run: bool = field(False, hash=False, help="Check the config and the prompt files and print what the run "
+                          "would do (pool after cleaning, samples per round, resume point); load and write nothing.")
     train_launcher: dict = field(
         {}, hash=False,
         help="Run the train phase under `accelerate launch` (gen/judge stay here), e.g. {num_processes: 2, "
@@ -445,9 +447,18 @@ def _ray_scope(config: LoopConfig):
     return ray_session(next((s["ray_address"] for s in ray_phases if s.get("ray_address")), None))
 
 
+def run(config: LoopConfig) -> Path | str:
+    """Run (or resume) the loop in `config.out`; return the run directory (with `dry_run`, the plan's text: see
+    prefloop/plan.py). See module docstring."""
+    if config.dry_run:
+        from prefloop.plan import plan
+
+        return plan(config)
+    return _run(config)
+
+
 @exclusive
-def run(config: LoopConfig) -> Path:
-    """Run (or resume) the loop in `config.out`; return the run directory. See module docstring."""
+def _run(config: LoopConfig) -> Path:
     root = Path(config.out)
     StageRun("loop", root, config, directory=True).begin()  # writes config.yaml; refuses a changed config
     pool = load_prompts(config.prompts).records  # validated whole before any model loads

@@ -83,9 +83,14 @@ class StageRun:
         self.began = self._begin(new_run)
         return self.began
 
-    def _begin(self, new_run: bool) -> str:
-        for path in (self.config_path, self.summary_path):  # a kill mid-write leaves a temp beside them: not output
-            remove_stale_temps(path)
+    def check(self) -> str:
+        """What `begin()` would return ("done", "resume", "fresh"), raising as it would, touching nothing."""
+        return self._begin(new_run=False, write=False)
+
+    def _begin(self, new_run: bool, write: bool = True) -> str:
+        if write:
+            for path in (self.config_path, self.summary_path):  # a kill mid-write leaves a temp: not output
+                remove_stale_temps(path)
         if new_run:
             self._move_aside()
         if self.config_path.exists():
@@ -112,10 +117,11 @@ class StageRun:
                 f"{self.out} exists but has no {self.config_path.name}, so prefloop cannot tell how it was made. "
                 "Fix: pass --new-run to move it aside, or choose another --out."
             )
-        atomic_write(
-            self.config_path,
-            dump_yaml(to_dict(self.config), header=f"# prefloop {self.stage} — config_hash: {self.hash}"),
-        )
+        if write:
+            atomic_write(
+                self.config_path,
+                dump_yaml(to_dict(self.config), header=f"# prefloop {self.stage} — config_hash: {self.hash}"),
+            )
         return "fresh"
 
     def forget_if_empty(self) -> bool:
