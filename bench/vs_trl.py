@@ -16,7 +16,8 @@ scored by the same greedy evaluation on the same held-out prompts. Runs go one a
 
 Runs
   prefloop          `prefloop.loop.run` with the task's demo settings, unchanged, one round at a time until the budget
-                    is spent; each round's adapter is evaluated after it. (bench/results/vs_trl.json's row ran the
+                    is spent; each round's adapter is evaluated after it. It generates on the demo's backend: hf for
+                    addition, `auto` for instructions (vLLM where it imports, as `prefloop demo --task instructions`). (bench/results/vs_trl.json's row ran the
                     addition demo's settings before this benchmark changed them: 2,048 prompts per round; the
                     settings it chose are the `prompts_per_round=9000` row of vs_trl-variants.json.)
   prefloop K=V,...  (--variant) the same with some demo settings changed.
@@ -92,6 +93,7 @@ class Task:
     trl_rows: Callable[[list[dict]], list[dict]] = field(default=lambda rows: rows)  # rows as a TRL dataset takes them
     online_dpo_batch: int = 32  # OnlineDPO prompts per step (2 answers each)
     offline_prompts: int | None = None  # the offline run's one round (None: the whole pool)
+    backend: str = "hf"  # the loop's generation backend, as the task's demo runs it
 
     @property
     def gen(self) -> dict[str, Any]:
@@ -154,6 +156,7 @@ def instructions_task(work: Path, base: str | None, quick: bool, log) -> Task:
         evaluate=evaluate,
         loop=INSTRUCTIONS,
         online_dpo_batch=8,  # 16 answers of up to 160 tokens per step
+        backend="auto",  # as `prefloop demo --task instructions`: vLLM where it imports (it does here), else hf
         # Not the 2,000-prompt pool: sampling it takes ~1.5 h here. One batch of the prompts the loop's rounds see in
         # about the same time (2 rounds of 192 fill ~600 s), all sampled from the base model.
         offline_prompts=2 * INSTRUCTIONS["prompts_per_round"],
@@ -251,6 +254,7 @@ def run_prefloop(
 
     name = "offline" if offline else f"prefloop {variant}".strip()
     settings = override(task.loop, variant)
+    settings["gen"] = {"backend": task.backend, **settings.get("gen", {})}
     out, data = work / name.replace(" ", "_"), work / "data" / "train.jsonl"
     if not data.exists():  # one pool file for every loop run of the invocation
         data.parent.mkdir(exist_ok=True)
