@@ -37,9 +37,16 @@ def summarize(result: dict) -> dict:
     ours = next((r for r in runs if r["name"] == "prefloop"), None)
     others = [r for r in runs if r.get("side", r["name"]) != "prefloop"]
     result["target_met"] = None
+    # Where a run has no checkpoint by the budget (a loop round, or a real model's TRL step, longer than the slack),
+    # the budget column says nothing about it: compare at the first time every run has one instead. Runs that
+    # stopped at the budget keep their last checkpoint there, which favours the later runs, not them.
+    firsts = [r["curve"][0]["t"] for r in runs if r["curve"]]
+    late = bool(firsts) and max(firsts) > budget + SLACK_S
+    result["compared_at_s"] = max(firsts) if late else budget
     if ours and others:
-        best = max(others, key=lambda r: r["accuracy_at_budget"])
-        result["target_met"] = ours["accuracy_at_budget"] >= best["accuracy_at_budget"]
+        t = result["compared_at_s"]
+        best = max(others, key=lambda r: at(r["curve"], t, base))
+        result["target_met"] = at(ours["curve"], t, base) >= at(best["curve"], t, base)
         result["best_alternative"] = best["name"]
     return result
 
@@ -59,9 +66,11 @@ def table(result: dict) -> str:
     if result["target_met"] is not None:
         ours = next(r for r in runs if r["name"] == "prefloop")
         best = next(r for r in runs if r["name"] == result["best_alternative"])
-        lines += ["", f"target (prefloop >= the best alternative at equal time): "
-                      f"{'met' if result['target_met'] else 'NOT met'} ({ours['accuracy_at_budget']:.1%} vs "
-                      f"{best['name']} {best['accuracy_at_budget']:.1%})"]
+        t = result.get("compared_at_s", result["budget_s"])
+        where = "" if t == result["budget_s"] else f", compared at {t:.0f} s, the first time every run has a checkpoint"
+        lines += ["", f"target (prefloop >= the best alternative at equal time{where}): "
+                      f"{'met' if result['target_met'] else 'NOT met'} ({at(ours['curve'], t, base):.1%} vs "
+                      f"{best['name']} {at(best['curve'], t, base):.1%})"]
     return "\n".join(lines)
 
 

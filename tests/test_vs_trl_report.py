@@ -67,3 +67,15 @@ def test_merging_refuses_results_from_another_base_model(tmp_path):
     bad = subprocess.run([sys.executable, script, str(tmp_path / "a.json"), str(tmp_path / "c.json")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "cannot merge" in bad.stderr
+
+
+def test_when_a_run_has_no_checkpoint_by_the_budget_the_target_is_read_where_every_run_has_one():
+    """SmolLM2 on a 2-core CPU: the loop's first round ends at 701 s and a GRPO step takes ~110 s, so nothing is
+    evaluated by a 480 s budget; the budget column would call every run the base model's and the target met."""
+    result = {"task": "instructions", "budget_s": 480.0, "base": {"accuracy": 0.21, "heldout": 100}, "runs": [
+        run("prefloop", [(701.3, 0.26)]), run("grpo lr=5e-4", [(572.0, 0.34)]),
+        run("online-dpo lr=5e-4", [(516.0, 0.21)])]}
+    summarize(result)
+    assert result["compared_at_s"] == 701.3
+    assert result["target_met"] is False and result["best_alternative"] == "grpo lr=5e-4"
+    assert "compared at 701 s" in table(result) and "NOT met (26.0% vs grpo lr=5e-4 34.0%)" in table(result)
