@@ -17,9 +17,10 @@ scored by the same greedy evaluation on the same held-out prompts. Runs go one a
 Runs
   prefloop          `prefloop.loop.run` with the task's demo settings, unchanged, one round at a time until the budget
                     is spent; each round's adapter is evaluated after it. It generates on the demo's backend: hf for
-                    addition, `auto` for instructions (vLLM where it imports, as `prefloop demo --task instructions`). (bench/results/vs_trl.json's row ran the
-                    addition demo's settings before this benchmark changed them: 2,048 prompts per round; the
-                    settings it chose are the `prompts_per_round=9000` row of vs_trl-variants.json.)
+                    addition, `auto` for instructions (vLLM where it imports, as `prefloop demo --task instructions`).
+                    (bench/results/vs_trl.json's row ran the addition demo's settings before this benchmark changed
+                    them: 2,048 prompts per round; the settings it chose are the `prompts_per_round=9000` row of
+                    vs_trl-variants.json.)
   prefloop K=V,...  (--variant) the same with some demo settings changed.
   offline           the same settings, but ONE round on the whole training pool (instructions: on 384 prompts, two
                     rounds' worth): every pair is sampled from the base model (offline DPO on one large batch);
@@ -167,8 +168,7 @@ def instructions_task(work: Path, base: str | None, quick: bool, log) -> Task:
     )
 
 
-def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: int, batch_size: int = 100,
-                static: bool = True) -> list[str]:
+def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: int, batch_size: int = 100) -> list[str]:
     """Greedy answers, in batches on a preallocated KV cache (transformers' StaticCache, as prefloop's hf backend
     decodes): the same tokens as the default dynamic cache, faster, so evaluations cost less of the session."""
     import torch
@@ -184,7 +184,7 @@ def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: in
             ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
             width = enc["input_ids"].shape[1]
-            cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens) if static else None
+            cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 past_key_values=cache,

@@ -10,6 +10,7 @@ another config (the same refusal as the real run, with the changed keys). No mod
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,6 @@ def _progress(config: Any, state: str) -> str:
     manifest_path = Path(config.out) / "manifest.json"
     if state == "fresh" or not manifest_path.exists():
         return "new run"
-    import json
-
     rounds = json.loads(manifest_path.read_text(encoding="utf-8")).get("rounds", [])
     for k in range(config.rounds + 1):
         phases = rounds[k]["phases"] if k < len(rounds) else {}
