@@ -38,6 +38,7 @@ import yaml
 from prefloop.config import ConfigError
 from prefloop.judge.pairs import MARGIN_EPS, template_fields, usable
 from prefloop.lock import output_lock
+from prefloop.records import TEMPLATE_COLUMNS
 from prefloop.runstate import sidecar
 from prefloop.store import InputError, atomic_write, atomic_write_json, iter_records
 
@@ -65,7 +66,7 @@ def _sft(config: Any, prompt: Any, text: str, fields: dict[str, Any]) -> dict[st
 
 def _fields(pair: dict[str, Any]) -> dict[str, Any]:
     """A pair's chat-template arguments (judge/pairs.py writes them as TRL reads them)."""
-    return {k: pair[k] for k in ("tools", "chat_template_kwargs") if pair.get(k)}
+    return {k: pair[k] for k in TEMPLATE_COLUMNS if pair.get(k)}
 
 
 def _key(prompt: Any, fields: dict[str, Any]) -> str:

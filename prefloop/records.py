@@ -22,6 +22,8 @@ Prompt = str | Messages
 ROLES = ("system", "user", "assistant", "tool")
 # Extra columns reach reward functions as keyword arguments next to these, so they cannot share their names.
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "trainer_state")
+# A pair's per-row chat-template arguments, as TRL's trainers read them (judge/pairs.py writes them, export keeps them).
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
 
 
 class Completion(TypedDict):

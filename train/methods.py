@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefloop.config import ConfigError
+from prefloop.records import TEMPLATE_COLUMNS
 
 METHODS = ("dpo", "orpo", "kto", "simpo", "sft")
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0, "sft": 0.1}
 PAIRED = ("prompt", "chosen", "rejected")
 UNPAIRED = ("prompt", "completion", "label")  # TRL's unpaired preference format (KTO)
 COMPLETIONS = ("prompt", "completion")  # TRL's prompt-completion format (SFT)
-TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # per-row chat-template arguments, as TRL's trainers read them
 
 
 @dataclass(frozen=True)
