@@ -277,7 +277,8 @@ def run_prefloop(
         manifest = json.loads((out / "manifest.json").read_text())
         curve.append({"t": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "accuracy": acc, "round": k})
         rounds.append(
-            {"round": k, "phases": {p: v.get("seconds") for p, v in manifest["rounds"][k]["phases"].items()}}
+            {"round": k, "phases": {p: v.get("seconds") for p, v in manifest["rounds"][k]["phases"].items()},
+             "fixed_s": manifest["rounds"][k].get("fixed_s")}  # model and engine loads inside those phases
         )
         log(f"{name} round {k}: t={clock.wall:.0f}s cpu={clock.cpu:.0f}s accuracy {acc:.3f}")
     described = f"{task.name} demo settings" + (
