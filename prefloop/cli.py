@@ -75,7 +75,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     demo.add_argument("--config", help="YAML overriding demo settings (the loop's keys, as in `prefloop run`).")
     demo.add_argument("--out", default=None, help="Run directory (default: prefloop-demo; "
                       "prefloop-demo-instructions for --task instructions).")
-    demo.add_argument("--rounds", type=int, default=None, help="Training rounds (default: 6; 3 for instructions).")
+    demo.add_argument("--rounds", type=int, default=None, help="Training rounds (default: 3, for either task).")
     demo.add_argument("--backend", default=None, help="Generation backend (default: hf; auto for instructions: "
                       "vllm if it imports, else hf).")
     report = sub.add_parser("report", help="Write report.md + report.png for a run directory.")

@@ -11,13 +11,16 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_improves_heldout_accuracy_by_20_points(tmp_path):
-    """The demo runs its 3 real rounds and lifts held-out greedy accuracy by >= 20 points (deterministic per seed)."""
-    proc = subprocess.run(["prefloop", "-q", "demo", "--out", str(tmp_path / "demo")], capture_output=True, text=True)
+    """The demo, as the README runs it but for one round (its first round makes most of the gain, and three took ~10
+    of CI's 45 minutes on a 2-core avx2 CPU; rounds after the first are the loop's, tested in test_loop.py), lifts
+    held-out greedy accuracy by >= 20 points (deterministic per seed)."""
+    proc = subprocess.run(["prefloop", "-q", "demo", "--out", str(tmp_path / "demo"), "--rounds", "1"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "demo" / "run" / "manifest.json").read_text())
     assert manifest["status"] == "done"
     accuracy = [r["phases"]["eval"]["summary"]["accuracy"] for r in manifest["rounds"]]
-    assert len(accuracy) == 4, accuracy  # the base, then 3 rounds
+    assert len(accuracy) == 2, accuracy  # the base, then 1 round
     assert accuracy[0] < 0.4, f"the base should start weak: {accuracy}"
     assert accuracy[-1] - accuracy[0] >= 0.20, accuracy
     assert "Held-out accuracy" in (tmp_path / "demo" / "run" / "report.md").read_text()
