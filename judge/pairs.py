@@ -12,7 +12,8 @@ matches (see `select_comparisons`), with `meta.p_chosen` the judge's probability
 
 Dropped and counted (never silently kept): completions whose judgment failed, empty or truncated
 (`finish_reason == "length"`) completions, duplicate texts; prompts with fewer than two usable completions,
-ties, and margins below `min_margin`. Ties among the best (or worst) are broken by a seeded draw, not by position.
+ties, margins below `min_margin`, chosen answers below `min_chosen_score`. Ties among the best (or worst) are
+broken by a seeded draw, not by position.
 
 The output is written whole and atomically (pairs are a pure function of the judgments), and loads with
 `datasets.load_dataset("json", data_files=...)` straight into `trl.DPOTrainer`: conversational records
@@ -65,6 +66,10 @@ class PairsConfig:
     max_length_ratio: float | None = field(
         None, help="Length control: drop pairs whose chosen answer is more than this many times as long as the "
         "rejected one (in characters).")
+    min_chosen_score: float | None = field(
+        None, help="Drop pairs whose chosen answer scores below this (scored judgments only): with a verifier's "
+        "partial credit (e.g. the fraction of constraints met), 1.0 keeps only chosen answers that pass in full, so "
+        "SFT on the chosen answers is rejection-sampling fine-tuning and DPO never prefers a wrong answer.")
     dedup_chosen: float | None = field(
         None, help="Drop a pair whose chosen answer repeats the chosen answer of an earlier prompt's pair: equal "
         "after normalization, or word 3-gram Jaccard >= this (e.g. 0.9; prefloop/hygiene.py). One answer taught "
@@ -84,6 +89,8 @@ class PairsConfig:
             raise ConfigError("min_margin must be >= 0.")
         if self.shortest_within is not None and self.shortest_within < 0:
             raise ConfigError(f"shortest_within = {self.shortest_within} must be >= 0.")
+        if self.min_chosen_score is not None and not math.isfinite(self.min_chosen_score):
+            raise ConfigError(f"min_chosen_score = {self.min_chosen_score}. Fix: a finite score (e.g. 1.0).")
         if self.max_length_ratio is not None and self.max_length_ratio <= 0:
             raise ConfigError(f"max_length_ratio = {self.max_length_ratio} must be > 0 (e.g. 1.5).")
 
@@ -282,6 +289,9 @@ def run(config: PairsConfig) -> Path:
     """Select pairs from `config.judgments` into `config.out`; return its path. See module docstring."""
     out = Path(config.out)
     judgments = load_judgments(config.judgments)  # validated whole before anything is written
+    if config.min_chosen_score is not None and any(j.get("comparisons") is not None for j in judgments):
+        raise ConfigError(f"{config.judgments}: min_chosen_score needs scored judgments, and these are pairwise "
+                          "(matches, no scores). Fix: drop min_chosen_score, or judge pointwise.")
     state = StageRun("pairs", out, config)
     if state.begin(config.new_run) == "done":
         return out
@@ -302,6 +312,10 @@ def run(config: PairsConfig) -> Path:
         if config.max_length_ratio is not None:
             kept = [(c, r) for c, r in pairs if len(c[2]) <= config.max_length_ratio * max(len(r[2]), 1)]
             drops["length_ratio"] += len(pairs) - len(kept)
+            pairs = kept
+        if config.min_chosen_score is not None:
+            kept = [(c, r) for c, r in pairs if c[1] >= config.min_chosen_score - MARGIN_EPS]
+            drops["chosen_below_min_score"] += len(pairs) - len(kept)
             pairs = kept
         for chosen, rejected in pairs:
             pair_id = judgment["id"] if len(pairs) == 1 else f"{judgment['id']}:{chosen[0]}>{rejected[0]}"
@@ -367,4 +381,4 @@ def no_pairs_message(judgments: str | Path, prompts: int, drops: Counter) -> str
     return (f"{judgments}: 0 pairs from {prompts} prompts (dropped: {reasons}). Fix: look at the judgments' "
             "statuses and errors (judge_failed: the judge failed; tie: every answer scored the same, so sample more "
             "or more diverse answers; truncated: raise max_new_tokens or pass --keep-truncated; below_margin: "
-            "lower --min-margin).")
+            "lower --min-margin; chosen_below_min_score: lower --min-chosen-score).")

@@ -122,6 +122,30 @@ def test_max_length_ratio_drops_pairs_and_the_summary_measures_length_bias(tmp_p
     assert summary["pairs"] == 1 + 6 and summary["drops"] == {"length_ratio": 19}  # 10..14 chars vs 5 are <= 3x
 
 
+def test_min_chosen_score_keeps_only_pairs_whose_chosen_answer_passes(tmp_path):
+    """Partial credit (the fraction of constraints met): with min_chosen_score 1.0 only a prompt whose best answer
+    meets every constraint gives a pair; all_above_margin keeps every pair whose chosen answer passes; pairwise
+    judgments (no scores) are refused before anything is written."""
+    rows = [judgment([0.5, 0.0, 0.5], rid="half"), judgment([1.0, 0.5, 0.0], rid="full"),
+            judgment([0.7 + 0.2 + 0.1, 0.0], rid="float")]  # 0.999...: 1.0 up to float rounding
+    path = write_jsonl(tmp_path / "j.jsonl", rows)
+    out = run(PairsConfig(judgments=str(path), out=str(tmp_path / "p.jsonl"), min_chosen_score=1.0))
+    assert [r["id"] for r in map(json.loads, out.read_text().splitlines())] == ["full", "float"]
+    assert read_summary(out)["drops"] == {"chosen_below_min_score": 1}
+    out = run(PairsConfig(judgments=str(path), out=str(tmp_path / "a.jsonl"), min_chosen_score=1.0,
+                          strategy="all_above_margin"))
+    assert [(r["score_chosen"], r["score_rejected"]) for r in map(json.loads, out.read_text().splitlines())] == [
+        (1.0, 0.5), (1.0, 0.0), (pytest.approx(1.0), 0.0)]
+    assert read_summary(out)["drops"] == {"chosen_below_min_score": 3}  # half's two 0.5 > 0.0, full's 0.5 > 0.0
+    pairwise = dict(judgment([None, None], rid="m"), comparisons=[])
+    with pytest.raises(ConfigError, match="min_chosen_score needs scored judgments"):
+        run(PairsConfig(judgments=str(write_jsonl(tmp_path / "m.jsonl", [pairwise])), out=str(tmp_path / "m.out"),
+                        min_chosen_score=1.0))
+    assert not (tmp_path / "m.out").exists()
+    with pytest.raises(ConfigError, match="min_chosen_score = nan"):
+        PairsConfig(judgments="j", out="o", min_chosen_score=float("nan"))
+
+
 def test_judge_failures_never_enter_a_pair():
     """A completion with a None score (or a non-ok status) is never chosen or rejected; it is counted."""
     pairs, drops = pick(judgment([None, 1.0, None, 0.0]))
