@@ -63,6 +63,9 @@ class ExportConfig:
         "undesirable. sft: keep a prompt's best answer only if its score >= T.",
     )
     keep_truncated: bool = field(False, help="Judgments: keep answers that hit max_new_tokens (skipped by default).")
+    both_labels: bool = field(
+        False, help="kto from judgments: only the prompts whose answers get both labels (a prompt whose answers all "
+        "pass or all fail teaches no preference, as GRPO's advantage is zero on it; skipped as one_label_prompt).")
     sft_style: str = field(
         "prompt_completion",
         help="sft: prompt_completion (TRL's prompt-completion rows) or "
@@ -96,6 +99,8 @@ class ExportConfig:
             raise ConfigError(f"sft_style {self.sft_style!r} is unknown. Fix: use one of {', '.join(SFT_STYLES)}.")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ConfigError(f"threshold = {self.threshold}. Fix: give a finite number (scores are compared to it).")
+        if self.both_labels and self.format != "kto":
+            raise ConfigError(f"--both-labels applies to --format kto, not {self.format}. Fix: drop it.")
         if self.private and not self.push_to_hub:
             raise ConfigError("--private applies to --push-to-hub only. Fix: add --push-to-hub REPO, or drop it.")
 
@@ -166,6 +171,9 @@ def run(config: ExportConfig) -> Path:
     source = load_judgments(config.input) if kind == "judgments" else load_pairs(config.input)
     skipped: Counter[str] = Counter()
     dropped: Counter[str] = Counter()
+    if kind == "pairs" and config.both_labels:
+        raise ConfigError(f"{config.input}: --both-labels picks prompts from judgments, and this is a pairs file (each "
+                          "pair gives both labels already). Fix: drop it, or export the judgments.")
     if kind == "judgments":
         rows = from_judgments(config, source, skipped, dropped)
     else:

@@ -3,7 +3,8 @@
 - `kto`: TRL's unpaired format (`prompt`, `completion`, `label`). From pairs: chosen true, rejected false; an answer
   chosen in one pair and rejected in another has no absolute label and is skipped (`conflicting_labels`), a repeat
   is skipped (`duplicate`). From judgments: score >= `threshold` is true; failed, empty, truncated (unless
-  `keep_truncated`) and repeated answers are skipped (the reasons of `judge.pairs.usable`).
+  `keep_truncated`) and repeated answers are skipped (the reasons of `judge.pairs.usable`); with `both_labels`, so
+  are the answers of a prompt whose answers all got one label (`one_label_prompt`).
 - `sft`: best-of-n, one row per prompt: its top-scored answer (ties: the lowest index), kept when its score is >=
   `threshold` if one is given. From pairs: the best chosen answer per prompt (`all_above_margin` pairs share one).
   TRL's prompt-completion rows, or `{"messages": [...]}` with `sft_style: messages`.
@@ -104,7 +105,7 @@ def from_judgments(
         items = usable(j, config.keep_truncated, skipped if fmt == "kto" else dropped)
         fields = template_fields(j.get("chat_template_kwargs"))
         if fmt == "kto":
-            rows += [
+            labelled = [
                 {
                     "prompt": j["prompt"],
                     "completion": _answer(j["prompt"], it[2]),
@@ -113,6 +114,10 @@ def from_judgments(
                 }
                 for it in items  # (index, score, text, ...)
             ]
+            if config.both_labels and len({r["label"] for r in labelled}) < 2:
+                skipped["one_label_prompt"] += len(labelled)
+            else:
+                rows += labelled
         elif not items:
             skipped["no_usable_answer"] += 1
         else:

@@ -11,7 +11,8 @@ Round 0 only evaluates the initial policy (the baseline). Each round k >= 1 runs
     prompts  - draw this round's prompts from the pool (seeded by round, so a resumed run draws the same ones)
     generate - policy k-1 (base + adapter k-1) samples `gen.n` completions per prompt
     judge    - score every completion
-    pairs    - chosen/rejected pairs (this round's, or all rounds' with `data: accumulate`)
+    pairs    - chosen/rejected pairs (this round's, or all rounds' with `data: accumulate`); with `kto_threshold`,
+               every answer labelled by its score instead (`labels.jsonl`, KTO's unpaired rows)
     train    - DPO on the pairs -> adapter k (`init: previous` continues adapter k-1, `base` starts fresh)
     eval     - policy k answers the held-out prompts (greedy by default), scored by the same judge
 
@@ -47,15 +48,15 @@ from prefloop.gen.stage import GenerateConfig
 from prefloop.gen.stage import run as generate
 from prefloop.judge import uses_generator
 from prefloop.judge.pairs import PairsConfig
-from prefloop.judge.pairs import run as select_pairs
 from prefloop.judge.stage import JudgeConfig
 from prefloop.judge.stage import run as judge
 from prefloop.lock import exclusive
 from prefloop.pool import decontaminate_pool, dedup_pool, draw_round
 from prefloop.records import load_prompts
+from prefloop.rows import pairs_phase, rows_file
 from prefloop.runstate import StageRun, read_summary
 from prefloop.scoring import eval_summary, fixed_costs, judge_vs_gold, mean_length, pairwise_eval
-from prefloop.store import atomic_write, atomic_write_json, iter_records
+from prefloop.store import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class LoopConfig:
     judge: dict = field({}, help="Judge-stage settings (see `prefloop judge --help`).")
     pairs: dict = field({}, help="Pair-selection settings (see `prefloop pairs --help`).")
     train: dict = field({}, help="Train-stage settings (see `prefloop train --help`).")
+    kto_threshold: float | None = field(
+        None, help="With train.method kto: train on every usable answer of the prompts whose answers score on both "
+        "sides of this, each labelled desirable when its score >= it (`prefloop export --format kto --threshold`), "
+        "instead of on the pairs' two answers. Empty: the pairs.")
     eval: dict = field(
         {"temperature": 0.0, "n": 1}, help="Generation settings for held-out eval (default greedy, one answer)."
     )
@@ -134,6 +139,8 @@ class LoopConfig:
                 "train.lora: false with init: previous gives reference: previous (TRL copies the starting model). "
                 "Fix: set reference: previous, or keep LoRA (whose reference is the base with the adapter off)."
             )
+        if self.kto_threshold is not None and self.train.get("method") != "kto":
+            raise ConfigError("kto_threshold labels answers for KTO. Fix: set train.method: kto, or drop it.")
         if self.rounds < 0:
             raise ConfigError("rounds must be >= 0.")
         # Fail on a bad stage key now, not three rounds in.
@@ -356,26 +363,6 @@ def _judge_phase(config: LoopConfig, k: int, policy: Policy):
     return out, summary
 
 
-def _pairs_phase(config: LoopConfig, k: int, d: Path):
-    try:
-        out = select_pairs(config.stage_config("pairs", k, {}))
-    except StageFailed as e:
-        stats = read_summary(d / "judgments.jsonl").get("stats") or {}
-        hint = ""
-        if stats.get("first_position_win_rate") is not None:
-            hint = (f" The judge picked the first slot {stats['first_position_win_rate']:.0%} of the time and its "
-                    f"two orders agreed {stats.get('agreement_rate') or 0:.0%} of the time: a judge with a strong "
-                    "position bias or failing parses labels nothing.")
-        raise StageFailed(f"round {k}: no pairs to train on: {e}{hint} See {d / 'judgments.summary.json'} and "
-                          "the report.") from None
-    summary = read_summary(out)
-    if config.data == "accumulate":
-        parts = [Path(config.out) / f"round_{j:03d}" / "pairs.jsonl" for j in range(1, k + 1)]
-        atomic_write(d / "train_pairs.jsonl", b"".join(p.read_bytes() for p in parts))
-        summary["train_pairs"] = sum(1 for p in parts for _ in iter_records(p))
-    return out, summary
-
-
 def _train_phase(config: LoopConfig, k: int, d: Path, policy: Policy):
     from prefloop.train.dpo import run as train
 
@@ -384,7 +371,7 @@ def _train_phase(config: LoopConfig, k: int, d: Path, policy: Policy):
 
         yield_accelerator()
 
-    pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else "pairs.jsonl")
+    pairs_file = d / ("train_pairs.jsonl" if config.data == "accumulate" else rows_file(config))
     # LoRA: the base stays `config.model` and the policy is its adapter. Full fine-tuning: the policy is a model.
     start = policy if config.init == "previous" else Policy(config.model)
     train_cfg = config.stage_config("train", k, {"pairs": str(pairs_file), **start.settings()})
@@ -406,7 +393,7 @@ def _round(config: LoopConfig, manifest: Manifest, pool: list[dict[str, Any]], k
     _phase(manifest, k, "prompts", lambda: draw_round(config, pool, k, d))
     _phase(manifest, k, "generate", lambda: _generate_phase(config, k, policy))
     _phase(manifest, k, "judge", lambda: _judge_phase(config, k, policy))
-    _phase(manifest, k, "pairs", lambda: _pairs_phase(config, k, d))
+    _phase(manifest, k, "pairs", lambda: pairs_phase(config, k, d))
     _phase(manifest, k, "train", lambda: _train_phase(config, k, d, policy))
     trained = Policy(config.model, str(d / "train" / "adapter")) if config.lora else Policy(str(d / "train" / "model"))
     manifest.data["rounds"][k]["trained_policy"] = trained.settings()

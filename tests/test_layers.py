@@ -19,7 +19,7 @@ FOUNDATION = {"prefloop", "prefloop.errors", "prefloop.engine", "prefloop.config
               "prefloop.records", "prefloop.device", "prefloop.progress", "prefloop.lock", "prefloop.models",
               "prefloop.budget", "prefloop.hygiene", "prefloop.pool", "prefloop.prompts", "prefloop.attention"}
 ENGINES_LOOP = {"prefloop.ray_engine", "prefloop.ray_llm", "prefloop.loop", "prefloop.report",
-                "prefloop.report_text", "prefloop.scoring", "prefloop.plan"}
+                "prefloop.report_text", "prefloop.scoring", "prefloop.plan", "prefloop.rows"}
 DEMO = {"prefloop.demo", "prefloop.tasks"}  # and every module in them: the demos, the tasks, the model builders
 LAYERS = ["foundation", "stages", "engines and loop", "demo and tasks", "cli"]
 

@@ -233,6 +233,22 @@ def test_sft_options_keep_truncated_messages_style_and_pair_threshold(tmp_path):
     assert read_summary(out)["skipped"] == {"below_threshold": 1, "same_prompt": 2}
 
 
+def test_kto_both_labels_keeps_only_prompts_whose_answers_pass_and_fail(tmp_path):
+    """--both-labels (the loop's `kto_threshold`): at threshold 1, prompt b's answers all fail (7, x; its first
+    failed to judge), so its two rows go (one_label_prompt); a and c, with answers on both sides, stay whole. A pairs
+    file or another format is refused."""
+    src = write_jsonl(tmp_path / "j.jsonl", judgments(conv=False))
+    out = export(tmp_path, src, "kto", threshold=1.0, both_labels=True)
+    everything = expected("judgments", "kto", False)
+    assert read_jsonl(out) == [r for r in everything if r["prompt"] != "3+3="]
+    assert read_summary(out)["skipped"] == {"empty": 1, "identical": 1, "judge_failed": 1, "one_label_prompt": 2,
+                                            "truncated": 1}
+    with pytest.raises(ConfigError, match="this is a pairs file"):
+        export(tmp_path, write_jsonl(tmp_path / "p.jsonl", pairs(conv=False)), "kto", "pk.jsonl", both_labels=True)
+    with pytest.raises(ConfigError, match="--both-labels applies to --format kto, not sft"):
+        ExportConfig(input=str(src), out=str(tmp_path / "s.jsonl"), format="sft", both_labels=True)
+
+
 # --- TRL trains one step on the kto and sft exports, unconverted ----------------------------------------------------
 
 

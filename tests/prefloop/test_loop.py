@@ -103,6 +103,30 @@ def test_loop_without_heldout_prompts_runs_and_reports(workdir, tmp_path):
     assert (root / "report.md").exists()
 
 
+def test_kto_threshold_trains_kto_on_every_answer_of_prompts_with_both_labels(workdir, tmp_path):
+    """`kto_threshold`: the pairs phase writes labels.jsonl, every usable answer of the prompts whose answers score on
+    both sides of the threshold (recomputed here from the round's judgments), and KTO trains on exactly those rows;
+    without train.method kto the setting is refused before any work."""
+    values = {**loop_values(workdir, str(tmp_path / "kto"), rounds=1), "eval_prompts": None, "kto_threshold": 4.0,
+              "train": {**loop_values(workdir, "")["train"], "method": "kto"}}
+    root = run_loop(from_dict(LoopConfig, values))
+    d = root / "round_001"
+    want = []
+    for j in read_records(d / "judgments.jsonl"):
+        texts = list(dict.fromkeys(c["text"] for c in j["completions"] if c["text"].strip()))  # length: never fails
+        labels = [len(t) >= 4.0 for t in texts]
+        if len(set(labels)) == 2:
+            want += [(j["prompt"], t, lab) for t, lab in zip(texts, labels, strict=True)]
+    got = [(r["prompt"], r["completion"], r["label"]) for r in read_records(d / "labels.jsonl")]
+    assert got == want and {lab for *_, lab in want} == {True, False}
+    manifest = json.loads((root / "manifest.json").read_text())
+    train = manifest["rounds"][1]["phases"]["train"]["summary"]
+    assert (train["method"], train["pairs"], train["rows"]) == ("kto", len(want), "labelled completions")
+    assert not (d / "pairs.jsonl").exists()
+    with pytest.raises(ConfigError, match="kto_threshold labels answers for KTO"):
+        from_dict(LoopConfig, {**values, "out": str(tmp_path / "dpo"), "train": loop_values(workdir, "")["train"]})
+
+
 def test_changed_loop_config_is_refused(workdir):
     """Resuming a run with a changed setting is refused naming the key; raising `rounds` is allowed."""
     values = loop_values(workdir, "drift", rounds=0)
