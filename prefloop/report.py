@@ -54,6 +54,11 @@ ANSWERS = 5  # held-out prompts shown with their round-0 and latest answers
 PAIRS = 3  # pairs of the latest round shown
 
 
+def _rows(summary: dict[str, Any]) -> int | None:
+    """A round's training rows: its pairs, or (the loop's `kto_threshold`) its labelled answers."""
+    return summary.get("pairs", summary.get("rows_out"))
+
+
 def load_manifest(run_dir: str | Path) -> dict[str, Any]:
     """The run's manifest; a missing or unreadable one raises an error naming the file and the fix."""
     path = Path(run_dir) / "manifest.json"
@@ -95,7 +100,7 @@ def _pct(x: float) -> str:
 
 
 def _drops(summary: dict[str, Any]) -> str | None:
-    drops = summary.get("drops")
+    drops = summary.get("drops", summary.get("skipped"))  # pairs, or labelled answers (export's summary)
     if drops is None:
         return None
     kept = [f"{k} {v}" for k, v in drops.items() if v]  # zero counts are noise in a table cell
@@ -200,7 +205,7 @@ def render_markdown(run_dir: Path, manifest: dict[str, Any], answers: int = ANSW
             row.append(f"{100 * (value - base):+.1f}" if has_acc else f"{value - base:+.3f}")
         else:
             row.append(_cell(r, "eval", lambda s: None))  # shows "running"/"failed" while eval is not done
-        row.append(_cell(r, "pairs", lambda s: None if s.get("pairs") is None else str(s["pairs"])))
+        row.append(_cell(r, "pairs", lambda s: None if _rows(s) is None else str(_rows(s))))
         row.append(_cell(r, "pairs", _drops))
         row.append(_cell(r, "generate", lambda s: None if s.get("mean_length") is None else f"{s['mean_length']:.1f}"))
         row.append(_cell(r, "eval", lambda s: None if s.get("mean_length") is None else f"{s['mean_length']:.1f}"))
@@ -290,7 +295,7 @@ def render_png(manifest: dict[str, Any]) -> bytes:
     key = _metric_key(rounds)
     has_acc = key in ("accuracy", "win_rate_vs_base")  # both are fractions
     points = [(r["round"], _metric(r, key)) for r in rounds if "round" in r and _metric(r, key) is not None]
-    bars = [(r["round"], (done_summary(r, "pairs") or {}).get("pairs")) for r in rounds if "round" in r]
+    bars = [(r["round"], _rows(done_summary(r, "pairs") or {})) for r in rounds if "round" in r]
     bars = [(k, v) for k, v in bars if v is not None]
 
     # Figure() rather than pyplot: no global figure registry, so repeated reports in one process never leak.

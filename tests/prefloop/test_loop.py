@@ -123,6 +123,8 @@ def test_kto_threshold_trains_kto_on_every_answer_of_prompts_with_both_labels(wo
     train = manifest["rounds"][1]["phases"]["train"]["summary"]
     assert (train["method"], train["pairs"], train["rows"]) == ("kto", len(want), "labelled completions")
     assert not (d / "pairs.jsonl").exists()
+    row = next(line for line in (root / "report.md").read_text().splitlines() if line.startswith("| 1 "))
+    assert f"| {len(want)} |" in row and "one_label_prompt" in row  # rows kept and skipped, as for pairs
     with pytest.raises(ConfigError, match="kto_threshold labels answers for KTO"):
         from_dict(LoopConfig, {**values, "out": str(tmp_path / "dpo"), "train": loop_values(workdir, "")["train"]})
 
