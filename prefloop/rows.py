@@ -20,12 +20,9 @@ def pairs_phase(config: Any, k: int, d: Path) -> tuple[Path, dict[str, Any]]:
     """Round k's training rows from `d/judgments.jsonl`, for a LoopConfig `config`: (their file, its summary)."""
     try:
         if config.kto_threshold is not None:
-            from prefloop.judge.export import ExportConfig
             from prefloop.judge.export import run as export
 
-            out = export(ExportConfig(input=str(d / "judgments.jsonl"), out=str(d / rows_file(config)), format="kto",
-                                      threshold=config.kto_threshold, both_labels=True,
-                                      keep_truncated=bool(config.pairs.get("keep_truncated"))))
+            out = export(labels_config(config, d))
         else:
             out = select_pairs(config.stage_config("pairs", k, {}))
     except StageFailed as e:
@@ -49,3 +46,13 @@ def pairs_phase(config: Any, k: int, d: Path) -> tuple[Path, dict[str, Any]]:
 def rows_file(config: Any) -> str:
     """A round's training rows: its pairs, or its labelled answers (`kto_threshold`)."""
     return "pairs.jsonl" if config.kto_threshold is None else "labels.jsonl"
+
+
+def labels_config(config: Any, d: Path) -> Any:
+    """The export that labels round directory `d`'s answers (`kto_threshold`); LoopConfig builds it up front too, so
+    a bad threshold fails before any round samples."""
+    from prefloop.judge.export import ExportConfig
+
+    return ExportConfig(input=str(d / "judgments.jsonl"), out=str(d / rows_file(config)), format="kto",
+                        threshold=config.kto_threshold, both_labels=True,
+                        keep_truncated=bool(config.pairs.get("keep_truncated")))

@@ -127,6 +127,9 @@ def test_kto_threshold_trains_kto_on_every_answer_of_prompts_with_both_labels(wo
     assert f"| {len(want)} |" in row and "one_label_prompt" in row  # rows kept and skipped, as for pairs
     with pytest.raises(ConfigError, match="kto_threshold labels answers for KTO"):
         from_dict(LoopConfig, {**values, "out": str(tmp_path / "dpo"), "train": loop_values(workdir, "")["train"]})
+    with pytest.raises(ConfigError, match="threshold = nan"):  # refused up front, not after round 1 samples
+        from_dict(LoopConfig, {**values, "out": str(tmp_path / "nan"), "kto_threshold": float("nan")})
+    assert not (tmp_path / "nan").exists()
 
 
 def test_changed_loop_config_is_refused(workdir):
