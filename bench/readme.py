@@ -115,6 +115,27 @@ def generation() -> str:
                       "", *out]).rstrip()
 
 
+def generation_sizes() -> str:
+    """bench/README's full tables of gen_throughput.json: one per model size, every column the script prints."""
+    d = _load("gen_throughput.json")
+    m = d["machine"]
+    out = [f"`python bench/gen_throughput.py` ({m['date']}, `bench/results/gen_throughput.json`; {m['cores']} cores "
+           f"of an {m['cpu']} with {m['cpu_flags']}). `rows` = sequences decoded together (the GEMM height of a "
+           "decode step); `% roofline` holds each row against the GEMM rate at its own `rows`; `load` = the 1-minute "
+           "load average when the row ended (above 2 = it shared the 2 cores with other jobs)."]
+    for run in d["runs"]:
+        gemm = ", ".join(f"{v} GFLOP/s ({k} rows)" for k, v in run["gemm_gflops"].items())
+        out += ["", f"**{run['size']}** ({run['params'] / 1e6:.1f}M params; {run['prompts']} prompts "
+                f"({run['mean_prompt_tokens']:.0f} tokens on average), n={run['n']}, max_new_tokens="
+                f"{run['max_new_tokens']}, T=1; roofline: GEMMs at {gemm}; {run['mflop_per_token']} MFLOP/token)", "",
+                "| backend | rows | tokens | seconds | tok/s | vs naive hf | roofline tok/s | % roofline | start-up s "
+                "| load |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {r['backend']} | {r['rows']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tok_s']:,.0f} | "
+                f"{r['vs_naive']:.2f}x | {r['roofline_tok_s']:,.0f} | {r['roofline_pct']:.1f}% | "
+                f"{_cell(r['startup_s'], '{:.0f}')} | {r['load1']} |" for r in run["rows"]]
+    return "\n".join(out)
+
+
 def generation_smollm2() -> str:
     d = _load("gen_throughput-smollm2.json")
     run = d["runs"][0]
@@ -269,7 +290,7 @@ def methods() -> str:
 TABLES: dict[str, Callable[[], str]] = {"demo": demo, "demo_instructions": demo_instructions, "generation": generation,
                                         "reward_model": reward_model, "judges_real": judges_real, "judge_eval": judge_eval,
                                         "defaults": defaults, "methods": methods,
-                                        "generation_smollm2": generation_smollm2, "dpo_smollm2": dpo_smollm2,
+                                        "generation_smollm2": generation_smollm2, "generation_sizes": generation_sizes, "dpo_smollm2": dpo_smollm2,
                                         "length_control": length_control}
 BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench -->)", re.S)
 
