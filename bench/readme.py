@@ -128,21 +128,23 @@ def generation_sizes() -> str:
         out += ["", f"**{run['size']}** ({run['params'] / 1e6:.1f}M params; {run['prompts']} prompts "
                 f"({run['mean_prompt_tokens']:.0f} tokens on average), n={run['n']}, max_new_tokens="
                 f"{run['max_new_tokens']}, T=1; roofline: GEMMs at {gemm}; {run['mflop_per_token']} MFLOP/token)", "",
-                "| backend | rows | tokens | seconds | tok/s | vs naive hf | roofline tok/s | % roofline | start-up s "
-                "| load |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| backend | rows | tokens | seconds | tok/s | vs naive hf | roofline tok/s | % roofline | % roofline "
+                "with prompts | start-up s | load |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         out += [f"| {r['backend']} | {r['rows']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tok_s']:,.0f} | "
                 f"{r['vs_naive']:.2f}x | {r['roofline_tok_s']:,.0f} | {r['roofline_pct']:.1f}% | "
-                f"{_cell(r['startup_s'], '{:.0f}')} | {r['load1']} |" for r in run["rows"]]
+                f"{_cell(r.get('roofline_pct_with_prompts'), '{:.1f}%')} | {_cell(r['startup_s'], '{:.0f}')} | "
+                f"{r['load1']} |" for r in run["rows"]]
     return "\n".join(out)
 
 
 def generation_smollm2() -> str:
     d = _load("gen_throughput-smollm2.json")
     run = d["runs"][0]
-    rows = ["| backend | rows | tokens | tok/s | vs naive hf | % of roofline | start-up s | load |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| backend | rows | tokens | tok/s | vs naive hf | % of roofline | % with prompts | start-up s | load |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows += [f"| {r['backend']} | {r['rows']} | {r['tokens']:,} | {r['tok_s']:,.0f} | {r['vs_naive']:.2f}x | "
-             f"{r['roofline_pct']:.1f}% | {_cell(r['startup_s'], '{:.0f}')} | {r['load1']} |" for r in run["rows"]]
+             f"{r['roofline_pct']:.1f}% | {_cell(r.get('roofline_pct_with_prompts'), '{:.1f}%')} | "
+             f"{_cell(r['startup_s'], '{:.0f}')} | {r['load1']} |" for r in run["rows"]]
     return "\n".join([
         f"`python bench/gen_throughput.py --sizes smollm2 --max-new-tokens {run['max_new_tokens']}` "
         f"({d['machine']['date']}, `bench/results/gen_throughput-smollm2.json`): SmolLM2-135M-Instruct "

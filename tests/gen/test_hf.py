@@ -160,6 +160,41 @@ def test_the_static_kv_cache_samples_what_the_dynamic_one_samples(gen: HFGenerat
         make_gen(tiny_model, kv_cache="paged")
 
 
+def test_prefill_groups_split_where_padding_would_waste_a_quarter():
+    """By hand: rows sorted longest first; a row shorter than 75% of its group's longest starts a new group once the
+    group holds 256 padded tokens."""
+    from prefloop.gen.hf import _prefill_groups
+
+    # 70 < 75 but the group holds 2 x 100 = 200 tokens: kept; 60 < 75 with 300 tokens: split. In the second group
+    # (longest 60) 40 and 10 are short, but it never reaches 256 tokens.
+    assert _prefill_groups([100, 90, 70, 60, 40, 10]) == [(0, 3), (3, 6)]
+    assert _prefill_groups([100, 90, 80, 76]) == [(0, 4)]
+    assert _prefill_groups([300, 10, 5]) == [(0, 1), (1, 3)]
+    assert _prefill_groups([7]) == [(0, 1)]
+    assert _prefill_groups([]) == []
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "dynamic"])
+def test_grouped_prefill_samples_what_transformers_own_prefill_samples(tiny_model: Path, kv_cache: str):
+    """The shared prefill in length groups (each group padded only to its own longest prompt, its cache written
+    right-aligned into the batch's) against transformers' own path: every prompt copied n times and prefilled by
+    `generate` on left-padded rows. Same texts, and log-probs to float noise."""
+    from prefloop.gen.hf import _prefill_groups
+
+    text = "The quick brown fox jumps over the lazy dog, then 12+34=46 and 7+8=15. " * 2
+    prompts = [text[:k] for k in (100, 95, 70, 60, 40, 30, 12, 5, 2)] + ["7"]
+    sampling = Sampling(max_new_tokens=10, temperature=1.0, seed=3, logprobs=True)
+    grouped = make_gen(tiny_model, batch_size=64, kv_cache=kv_cache)
+    lengths = sorted((len(grouped._encode(p)) for p in prompts), reverse=True)
+    assert len(_prefill_groups(lengths)) >= 3, lengths  # the batch really is prefilled in several groups
+    own = make_gen(tiny_model, batch_size=64, kv_cache=kv_cache)
+    own._share_prefill = False
+    mine, theirs = grouped.generate(prompts, n=3, sampling=sampling), own.generate(prompts, n=3, sampling=sampling)
+    assert texts(mine) == texts(theirs)
+    for a, b in zip((c for cs in mine for c in cs), (c for cs in theirs for c in cs), strict=True):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+
+
 def test_row_sampler_draws_from_the_warped_distribution():
     """prefloop's per-row sampler draws each token with probability softmax(logits / T) restricted to the top-p
     nucleus, as a hand computation gives (4 tokens, 20,000 draws)."""
