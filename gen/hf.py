@@ -37,6 +37,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from prefloop import attention
 from prefloop.device import resolve_device, resolve_dtype
@@ -277,6 +278,10 @@ class HFGenerator:
         lengths = mask.sum(-1).tolist()
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (keys, values) [rows, copies, h, len, d]
         static = StaticCache(config=self.model.config, max_cache_len=max_len) if self.kv_cache == "static" else None
+        plain = (all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+                 and (static is None or all(type(layer) is StaticLayer for layer in static.layers)))
+        if not plain:  # e.g. sliding-window layers, which keep only their last tokens: no slots to write into
+            return self._prefill_whole(inputs, positions, copies, max_len)
         for lo, hi in _prefill_groups(lengths):
             span = max(lengths[lo:hi]) - 1  # the group's cached prompt tokens (all but each prompt's last)
             if span < 1:
@@ -300,6 +305,22 @@ class HFGenerator:
                 cache.update(keys.flatten(0, 1), values.flatten(0, 1), i)
         return {"input_ids": inputs["input_ids"].repeat_interleave(copies, 0),
                 "attention_mask": inputs["attention_mask"].repeat_interleave(copies, 0), "past_key_values": cache}
+
+    def _prefill_whole(self, inputs: dict, positions: torch.Tensor, copies: int, max_len: int) -> dict:
+        """The whole batch in one prefill padded to its longest prompt, its cache repeated per sample: for models
+        whose cache layers are not plain full-attention ones (a sliding window keeps only its last tokens)."""
+        cache = DynamicCache(config=self.model.config)
+        mask = inputs["attention_mask"]
+        self.model(input_ids=inputs["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                   past_key_values=cache, use_cache=True, **self._keep_last)
+        cache.batch_repeat_interleave(copies)
+        if self.kv_cache == "static":
+            static = StaticCache(config=self.model.config, max_cache_len=max_len)
+            for i, layer in enumerate(cache.layers):  # StaticLayer has no batch_repeat_interleave: copy it in
+                static.update(layer.keys, layer.values, i)
+            cache = static
+        return {"input_ids": inputs["input_ids"].repeat_interleave(copies, 0),
+                "attention_mask": mask.repeat_interleave(copies, 0), "past_key_values": cache}
 
     @staticmethod
     def _cache_tensors(layer, rows: int, copies: int, cached: int, static: StaticCache | None, index: int):

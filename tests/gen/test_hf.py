@@ -174,20 +174,41 @@ def test_prefill_groups_split_where_padding_would_waste_a_quarter():
     assert _prefill_groups([]) == []
 
 
-@pytest.mark.parametrize("kv_cache", ["static", "dynamic"])
-def test_grouped_prefill_samples_what_transformers_own_prefill_samples(tiny_model: Path, kv_cache: str):
+@pytest.fixture(scope="module")
+def sliding_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Mistral with a 24-token sliding window: its StaticCache layers keep a window, not every slot."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=24, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    out = tmp_path_factory.mktemp("sliding") / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(("model", "kv_cache"), [("tiny_model", "static"), ("tiny_model", "dynamic"),
+                                                 ("sliding_model", "static")])
+def test_grouped_prefill_samples_what_transformers_own_prefill_samples(request, model: str, kv_cache: str):
     """The shared prefill in length groups (each group padded only to its own longest prompt, its cache written
     right-aligned into the batch's) against transformers' own path: every prompt copied n times and prefilled by
-    `generate` on left-padded rows. Same texts, and log-probs to float noise."""
+    `generate` on left-padded rows. Same texts, and log-probs to float noise. The sliding-window model's cache
+    layers are not plain ones, so they take the prefill through their own update()."""
     from prefloop.gen.hf import _prefill_groups
 
+    path = request.getfixturevalue(model)
     text = "The quick brown fox jumps over the lazy dog, then 12+34=46 and 7+8=15. " * 2
     prompts = [text[:k] for k in (100, 95, 70, 60, 40, 30, 12, 5, 2)] + ["7"]
     sampling = Sampling(max_new_tokens=10, temperature=1.0, seed=3, logprobs=True)
-    grouped = make_gen(tiny_model, batch_size=64, kv_cache=kv_cache)
+    grouped = make_gen(path, batch_size=64, kv_cache=kv_cache)
+    assert grouped._share_prefill and grouped.kv_cache == kv_cache
     lengths = sorted((len(grouped._encode(p)) for p in prompts), reverse=True)
     assert len(_prefill_groups(lengths)) >= 3, lengths  # the batch really is prefilled in several groups
-    own = make_gen(tiny_model, batch_size=64, kv_cache=kv_cache)
+    own = make_gen(path, batch_size=64, kv_cache=kv_cache)
     own._share_prefill = False
     mine, theirs = grouped.generate(prompts, n=3, sampling=sampling), own.generate(prompts, n=3, sampling=sampling)
     assert texts(mine) == texts(theirs)
