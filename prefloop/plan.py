@@ -48,7 +48,7 @@ def plan(config: Any) -> str:
         + (" (the whole pool)" if per_round == len(pool) else f" (drawn from {len(pool):,})")
         + f" x n={gen.n} = {samples:,} completions of <= {gen.max_new_tokens} new tokens"
         f" (<= {samples * gen.max_new_tokens:,} tokens); backend {gen.backend}, temperature {gen.temperature}",
-        f"               judge: {_judge(judge)}; pairs: {pairs.strategy}; train: {_train(config, train)}",
+        f"               judge: {_judge(judge)}; {_rows(config, pairs)}; train: {_train(config, train)}",
         f"rounds         {config.rounds} (round k samples from policy k-1): <= {samples * config.rounds:,} "
         "completions in all",
     ]
@@ -75,6 +75,14 @@ def _progress(config: Any, state: str) -> str:
 def _judge(judge: Any) -> str:
     by = judge.reward_fn or judge.reward_model or judge.judge_model
     return judge.judge + (f" {by}" if by else "")
+
+
+def _rows(config: Any, pairs: Any) -> str:
+    """What the train phase reads: pairs, or (kto_threshold) every answer labelled by its score."""
+    if config.kto_threshold is None:
+        return f"pairs: {pairs.strategy}"
+    return (f"labels (no pairs): every answer of the prompts whose answers score both >= and < "
+            f"{config.kto_threshold:g}, desirable at >= {config.kto_threshold:g}")
 
 
 def _train(config: Any, train: Any) -> str:

@@ -74,4 +74,13 @@ def test_cli_dry_run_prints_the_plan_and_exits_0(tmp_path, capsys):
     assert main(["run", "--config", str(config), "--dry-run"]) in (0, None)
     out = capsys.readouterr().out
     assert "prefloop run --dry-run: nothing loaded, nothing written." in out and "x n=3 = 60 completions" in out
+    assert "pairs: best_worst;" in out
     assert not (d / "run").exists()
+
+
+def test_dry_run_of_a_kto_labelling_loop_names_labels_not_pairs(tmp_path):
+    d = loop_workdir(tmp_path)
+    (d / "pool.jsonl").write_bytes((d / "prompts.jsonl").read_bytes())
+    text = dry(d, kto_threshold=1.5, train={**values(d)["train"], "method": "kto"})
+    assert "labels (no pairs): every answer of the prompts whose answers score both >= and < 1.5" in text
+    assert "pairs:" not in text and "train: kto (" in text
