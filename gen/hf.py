@@ -134,6 +134,11 @@ class HFGenerator:
         # every model bench/gen_throughput.py measures (its "prefloop hf" vs "prefloop hf dynamic" rows). Models
         # with a cache of their own (sliding windows, prompt-learning adapters) keep transformers' choice.
         self.kv_cache = kv_cache if self._share_prefill else "dynamic"
+        # The shared prefill runs in length groups (`_prefill_once`) when every cache layer is a plain full-attention
+        # one; sliding-window layers keep only their last tokens, leaving no slots to write a group into.
+        self._group_prefill = (
+            all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+            and all(type(layer) is StaticLayer for layer in StaticCache(config=self.model.config, max_cache_len=1).layers))
         forward = inspect.signature(self.model.forward).parameters
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}  # the prefill's logits: unused
         # Tokens actually decoded so far (greedy copies count once), for the stage's tokens/s.
@@ -277,11 +282,9 @@ class HFGenerator:
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         lengths = mask.sum(-1).tolist()
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (keys, values) [rows, copies, h, len, d]
-        static = StaticCache(config=self.model.config, max_cache_len=max_len) if self.kv_cache == "static" else None
-        plain = (all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
-                 and (static is None or all(type(layer) is StaticLayer for layer in static.layers)))
-        if not plain:  # e.g. sliding-window layers, which keep only their last tokens: no slots to write into
+        if not self._group_prefill:
             return self._prefill_whole(inputs, positions, copies, max_len)
+        static = StaticCache(config=self.model.config, max_cache_len=max_len) if self.kv_cache == "static" else None
         for lo, hi in _prefill_groups(lengths):
             span = max(lengths[lo:hi]) - 1  # the group's cached prompt tokens (all but each prompt's last)
             if span < 1:
