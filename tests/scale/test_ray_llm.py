@@ -2,8 +2,10 @@
 
 Contracts: every id once with `n` completions each, in prefloop's completion schema; the log-probs are the
 model's own (teacher-forced transformers + PEFT agree), so the driver's tokenization and the round's LoRA adapter
-reached the engine; per-sample seeds make a resumed run write exactly what an uninterrupted one wrote, with the
-rows already on disk kept byte-for-byte; misconfigurations fail before any work, naming the fix.
+reached the engine; misconfigurations fail before any work, naming the fix. Per-sample seeds (the same samples
+whatever the batching, so a resumed run samples what an uninterrupted one would) are checked against the local vLLM
+run in tests/scale/test_executors.py; resume itself is the shared driver's (killed and resumed in
+tests/reliability/test_kill.py), so it is not run again here: each ray-llm run starts an engine (~45 s here).
 """
 
 from __future__ import annotations
@@ -98,8 +100,7 @@ def test_ray_llm_is_refused_where_it_cannot_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_llm_samples_n_per_prompt_with_the_adapter_and_resumes_exactly(ray_cluster, tiny_model, adapter,
-                                                                         tmp_path):
+def test_ray_llm_samples_n_per_prompt_with_the_adapter(ray_cluster, tiny_model, adapter, tmp_path):
     require_vllm()
     prompts = write_prompts(tmp_path / "prompts.jsonl", 20)
     full = generate(config(tiny_model, prompts, tmp_path / "full.jsonl", adapter=str(adapter), logprobs=True))
@@ -113,26 +114,6 @@ def test_ray_llm_samples_n_per_prompt_with_the_adapter_and_resumes_exactly(ray_c
     check_logprobs(recs[:6], tiny_model, adapter)
     summary = read_summary(full)
     assert summary["engine"] == "ray-llm" and summary["written"] == 20 and summary["failed"] == 0
-
-    # A crash after 8 prompts, mid-line: the resumed run keeps those 8 byte-for-byte, repairs the torn tail, and
-    # samples the other 12 exactly as the uninterrupted run did (per-sample seeds do not depend on the batching).
-    lines = full.read_bytes().splitlines(keepends=True)
-    part = tmp_path / "part.jsonl"
-    part.write_bytes(b"".join(lines[:8]) + lines[8][:40])
-    (tmp_path / "part.config.yaml").write_bytes((tmp_path / "full.config.yaml").read_bytes())
-    resumed = generate(config(tiny_model, prompts, part, adapter=str(adapter), logprobs=True))
-    assert resumed.read_bytes().startswith(b"".join(lines[:8]))
-    again = records(resumed)
-    assert len(again) == 20 and read_summary(resumed)["resumed"] == 8
-    # Exactly the same samples; log-probs equal up to float noise (the batch around a request differs).
-    before, after = ({r["id"]: r for r in rs} for rs in (recs, again))
-    assert before.keys() == after.keys()
-    for rid, rec in before.items():
-        logprobs = [(a.pop("logprobs"), b.pop("logprobs")) for a, b in
-                    zip(rec["completions"], after[rid]["completions"], strict=True)]
-        assert after[rid] == rec
-        for a, b in logprobs:
-            assert a == pytest.approx(b, abs=1e-4)
 
 
 @pytest.mark.slow
