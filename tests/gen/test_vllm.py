@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,25 @@ def test_samples_n_per_prompt_with_the_models_own_logprobs(gen, tiny_model):
     check_against_hf(out, *hf_model(tiny_model), greedy=False)
     assert all(c["finish_reason"] in ("stop", "length") for cs in out for c in cs)
     assert gen.tokens_generated >= sum(c["num_tokens"] for cs in out for c in cs)
+
+
+def test_the_engine_runs_in_this_process_on_cpu(gen, monkeypatch):
+    """On CPU the module's engine runs in this process (vLLM's in-process client: no engine-core or worker process
+    to start), and the variable that asked for it is gone again, so a `vllm serve` started later gets its own
+    engine process. A user's VLLM_ENABLE_V1_MULTIPROCESSING=1 or another executor backend keeps vLLM's processes."""
+    import psutil
+    from vllm.v1.engine.core_client import InprocClient
+
+    assert isinstance(gen.llm.llm_engine.engine_core, InprocClient)
+    engines = [c for c in psutil.Process().children(recursive=True)
+               if "vllm" in " ".join([c.name(), *c.cmdline()]).lower()]  # vLLM titles them VLLM::EngineCore ...
+    assert not engines
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    assert vgen._in_process({"tensor_parallel_size": 1})
+    assert not vgen._in_process({"tensor_parallel_size": 2})
+    assert not vgen._in_process({"distributed_executor_backend": "mp"})
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    assert not vgen._in_process({})
 
 
 def test_seeded_sampling_is_reproducible(gen):
