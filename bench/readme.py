@@ -289,11 +289,25 @@ def methods() -> str:
                       "epochs, LoRA):", "", *rows])
 
 
+def vllm_start() -> str:
+    d = _load("vllm_start.json")
+    rows = ["| model | engine start, vLLM's processes | in prefloop's process | faster | sampling tok/s, processes | "
+            "in process | sampling speed, in process vs processes |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        best = {mode: max(t["tokens_per_s"] for t in ts) for mode, ts in r["trials"].items()}
+        rows.append(f"| {r['model']} | {r['best']['multiprocess']['start_s']:.1f} s | "
+                    f"{r['best']['in-process']['start_s']:.1f} s | {r['start_speedup']:.2f}x | "
+                    f"{best['multiprocess']:,.0f} | {best['in-process']:,.0f} | {r['sample_speedup']:.2f}x |")
+    return "\n".join([f"`python bench/vllm_start.py` ({d['machine']['date']}, {d['machine']['cores']} cores, "
+                      f"{d['machine']['cpu']}, `bench/results/vllm_start.json`): best of 2 fresh processes per mode, "
+                      "modes alternating; sampling is 64 prompts x 4 answers of up to 64 tokens:", "", *rows])
+
+
 TABLES: dict[str, Callable[[], str]] = {"demo": demo, "demo_instructions": demo_instructions, "generation": generation,
                                         "reward_model": reward_model, "judges_real": judges_real, "judge_eval": judge_eval,
                                         "defaults": defaults, "methods": methods,
                                         "generation_smollm2": generation_smollm2, "generation_sizes": generation_sizes, "dpo_smollm2": dpo_smollm2,
-                                        "length_control": length_control}
+                                        "length_control": length_control, "vllm_start": vllm_start}
 BLOCK = re.compile(r"(<!-- bench:(\w+) -->\n)(.*?)(<!-- /bench -->)", re.S)
 
 

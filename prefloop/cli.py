@@ -94,8 +94,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `kill PID` (a scheduler's stop) unwinds like Ctrl-C: cleanup runs (a vLLM engine's worker processes are shut
-    # down instead of orphaned, the output's lock file is removed), then exit 143 as SIGTERM's default would.
+    # `kill PID` (a scheduler's stop) unwinds like Ctrl-C: cleanup runs (a vLLM engine's own processes, where it
+    # has them, are shut down instead of orphaned; the output's lock file is removed), then exit 143 as SIGTERM's
+    # default would.
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _terminated)
