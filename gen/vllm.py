@@ -171,10 +171,9 @@ def _get_engine(key: tuple, lora: int | None, build) -> _Engine:
 
 def _in_process(options: dict[str, Any]) -> bool:
     """On CPU, run vLLM's engine core and its one worker in this process. By default vLLM spawns both as processes,
-    and each re-imports vllm (~16 s each on a 2-core CPU): measured, a tiny model's engine started in 48.5 s that
-    way and in 21.0 s in this process, and SmolLM2 sampled as fast (256 samples x 64 tokens: 244 tok/s against
-    237). Kept multiprocess when the user asks for it (VLLM_ENABLE_V1_MULTIPROCESSING=1 or another executor backend)
-    or when the model is split over several workers."""
+    and each re-imports vllm (~16 s apiece on a 2-core CPU): bench/README.md section 8 measured the start at 54.9 s
+    that way and 22.1 s in this process for SmolLM2, sampling as fast. Kept multiprocess when the user asks for it
+    (VLLM_ENABLE_V1_MULTIPROCESSING=1 or another executor backend) or when the model is split over several workers."""
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") not in ("", "0"):
         return False
     if options.get("distributed_executor_backend", "uni") != "uni":
@@ -183,13 +182,10 @@ def _in_process(options: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _multiprocessing(enabled: bool) -> Iterator[None]:
-    """VLLM_ENABLE_V1_MULTIPROCESSING for the engine being built, and only for it: the variable would otherwise
-    reach processes started later (a `vllm serve` needs its engine process). vLLM caches its settings once an
-    engine is up, so later engines in this process see the same value."""
-    if enabled:
-        yield
-        return
+def _no_multiprocessing() -> Iterator[None]:
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 while an engine is built, and only then: the variable would otherwise reach
+    processes started later (a `vllm serve` needs its engine process). vLLM caches its settings once an engine is
+    up, so later engines in this process see the same value."""
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
@@ -263,7 +259,7 @@ class VLLMGenerator:
             kwargs = {**options, **({"enable_lora": True, "max_lora_rank": rank} if rank else {})}
             log.info("vllm: starting an engine for %s (dtype %s: %s; lora rank %s%s)", model, kwargs["dtype"],
                      reason, rank, "; in this process" if in_process else "")
-            with _multiprocessing(not in_process):
+            with _no_multiprocessing() if in_process else contextlib.nullcontext():
                 return vllm.LLM(**kwargs)
 
         key = (model, json.dumps(options, sort_keys=True, default=str))
