@@ -433,8 +433,7 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
             # restart from the loaded adapter. Load "default" ourselves; newer transformers does the same again.
             model.load_adapter(str(resume), "default", is_trainable=True)
             model.set_adapter("default")
-    set_up = time.time()
-    setup_s = round(set_up - started, 3)  # pairs tokenized, model and reference loaded, trainer built
+    set_up = time.time()  # pairs tokenized, model and reference loaded, trainer built
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trained = time.time()
 
@@ -448,10 +447,8 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
             trainer.processing_class.save_pretrained(tmp)
         if config.merge:
             merge(config, final, out / "merged")
-        # train_s: the whole `trainer.train` call; TRL's own runtime_s (tokens/s is counted over it) leaves out its
-        # set-up before the first step, ~1 s here.
-        timing = {"setup_s": setup_s, "train_s": round(trained - set_up, 3), "save_s": round(time.time() - trained, 3),
-                  "wall_s": round(time.time() - started, 3)}
+        timing = {"setup_s": round(set_up - started, 3), "train_s": round(trained - set_up, 3),  # all of .train()
+                  "save_s": round(time.time() - trained, 3), "wall_s": round(time.time() - started, 3)}
         _finish(state, config, trainer, result, dataset, resume, final, timing, trainable, total, spread)
     ranks.wait_for_everyone()  # the other ranks return only once the outputs they point to exist
     return out
@@ -483,7 +480,7 @@ def _finish(state, config, trainer, result, dataset, resume, final, timing, trai
         reference=reference,
         output=str(final),
         merged=str(out / "merged") if config.merge else None,
-        **timing,  # wall_s = setup_s + train_s (the steps) + save_s (the adapter saved, merged if asked)
+        **timing,  # wall_s = setup_s + train_s + save_s; TRL's runtime_s leaves out ~1 s of .train()'s set-up
         **spread,
         config=to_dict(config),
     )
