@@ -95,6 +95,8 @@ class Task:
     online_dpo_batch: int = 32  # OnlineDPO prompts per step (2 answers each)
     offline_prompts: int | None = None  # the offline run's one round (None: the whole pool)
     backend: str = "hf"  # the loop's generation backend, as the task's demo runs it
+    # What the last evaluation's answers were like (instructions: mean tokens, share cut at the limit), for the curve.
+    answers: dict[str, float] = field(default_factory=dict)
 
     @property
     def gen(self) -> dict[str, Any]:
@@ -139,7 +141,9 @@ def instructions_task(work: Path, base: str | None, quick: bool, log) -> Task:
     max_new = INSTRUCTIONS["gen"]["max_new_tokens"]
 
     def evaluate(model, tokenizer, rows):
-        texts = greedy_chat(model, tokenizer, [r["prompt"] for r in rows], max_new)
+        texts = greedy_chat(model, tokenizer, [r["prompt"] for r in rows], max_new, lengths := [])
+        task.answers.update(mean_tokens=round(sum(lengths) / len(lengths), 1),
+                            cut=round(sum(n >= max_new for n in lengths) / len(lengths), 3))
         scores = strict(None, texts, constraints=[r["constraints"] for r in rows])
         return sum(s or 0.0 for s in scores) / max(1, len(rows))
 
@@ -148,7 +152,7 @@ def instructions_task(work: Path, base: str | None, quick: bool, log) -> Task:
         return reward(prompts, completions, constraints=[json.loads(c) for c in constraints_json])
 
     lr = INSTRUCTIONS["train"]["lr"]
-    return Task(
+    task = Task(
         name="instructions",
         base=Path(base),
         train=make_prompts(TRAIN_POOL, split="train", seed=0),
@@ -166,11 +170,16 @@ def instructions_task(work: Path, base: str | None, quick: bool, log) -> Task:
             {"prompt": r["prompt"], "constraints_json": json.dumps(r["constraints"])} for r in rows
         ],
     )
+    return task
 
 
-def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: int, batch_size: int = 100) -> list[str]:
+def greedy_chat(
+    model, tokenizer, messages: list[list[dict]], max_new_tokens: int, lengths: list[int] | None = None,
+    batch_size: int = 100,
+) -> list[str]:
     """Greedy answers, in batches on a preallocated KV cache (transformers' StaticCache, as prefloop's hf backend
-    decodes): the same tokens as the default dynamic cache, faster, so evaluations cost less of the session."""
+    decodes): the same tokens as the default dynamic cache, faster, so evaluations cost less of the session.
+    `lengths` gets each answer's tokens before its end of sequence (`max_new_tokens` for one cut off)."""
     import torch
     from transformers import StaticCache
 
@@ -189,7 +198,11 @@ def greedy_chat(model, tokenizer, messages: list[list[dict]], max_new_tokens: in
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 past_key_values=cache,
             )
-            texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            new = out[:, width:]
+            texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+            if lengths is not None:  # generate pads a finished row with pad_token_id after its end of sequence
+                ends = (new == tokenizer.eos_token_id) | (new == tokenizer.pad_token_id)
+                lengths += [int(row.nonzero()[0]) if row.any() else max_new_tokens for row in ends]
     return texts
 
 
@@ -275,7 +288,8 @@ def run_prefloop(
         clock.stop()
         acc = task.evaluate(load(task.base, out / f"round_{k:03d}" / "train" / "adapter"), tokenizer, task.heldout)
         manifest = json.loads((out / "manifest.json").read_text())
-        curve.append({"t": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "accuracy": acc, "round": k})
+        curve.append({"t": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "accuracy": acc, "round": k,
+                      **task.answers})
         rounds.append(
             {"round": k, "phases": {p: v.get("seconds") for p, v in manifest["rounds"][k]["phases"].items()},
              "fixed_s": manifest["rounds"][k].get("fixed_s")}  # model and engine loads inside those phases
@@ -314,7 +328,8 @@ def run_trl(task: Task, side: str, lr: float, work: Path, budget: float, eval_ev
             clock.stop()
             acc = task.evaluate(model, tokenizer, task.heldout)
             curve.append(
-                {"t": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "accuracy": acc, "step": state.global_step}
+                {"t": round(clock.wall, 1), "cpu_s": round(clock.cpu, 1), "accuracy": acc, "step": state.global_step,
+                 **task.answers}
             )
             log(f"{name} step {state.global_step}: t={clock.wall:.0f}s accuracy {acc:.3f}")
             while next_eval[0] <= t:
@@ -416,7 +431,7 @@ def main() -> None:
         base_acc = task.evaluate(load(task.base), tokenizer, task.heldout)
         log(f"base held-out accuracy {base_acc:.3f} ({len(task.heldout)} prompts)")
     base = {"model": "prefloop.demo.pretrain" if addition else str(task.base), "accuracy": base_acc,
-            "heldout": len(task.heldout)}
+            "heldout": len(task.heldout), **(earlier["base"] if earlier else task.answers)}
     todo: list[tuple[str, Callable[[], dict]]] = []
     for side, lr in parse_runs(args.runs, task):
         if lr is None:
