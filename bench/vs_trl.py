@@ -423,15 +423,14 @@ def main() -> None:
     if earlier and (earlier["task"], earlier["budget_s"]) != (task.name, budget):
         raise SystemExit(f"--resume: {out} holds task {earlier['task']!r} at budget {earlier['budget_s']} s, not "
                          f"{task.name!r} at {budget} s; fix: pass the same --task/--budget, or drop --resume")
-    runs = earlier["runs"] if earlier else []
     if earlier:
-        base_acc = earlier["base"]["accuracy"]
-        log(f"resuming {out}: {len(runs)} runs done, base held-out accuracy {base_acc:.3f}")
+        runs, base = earlier["runs"], earlier["base"]
+        log(f"resuming {out}: {len(runs)} runs done, base held-out accuracy {base['accuracy']:.3f}")
     else:
-        base_acc = task.evaluate(load(task.base), tokenizer, task.heldout)
-        log(f"base held-out accuracy {base_acc:.3f} ({len(task.heldout)} prompts)")
-    base = {"model": "prefloop.demo.pretrain" if addition else str(task.base), "accuracy": base_acc,
-            "heldout": len(task.heldout), **(earlier["base"] if earlier else task.answers)}
+        runs, acc = [], task.evaluate(load(task.base), tokenizer, task.heldout)
+        log(f"base held-out accuracy {acc:.3f} ({len(task.heldout)} prompts)")
+        base = {"model": "prefloop.demo.pretrain" if addition else str(task.base), "accuracy": acc,
+                "heldout": len(task.heldout), **task.answers}
     todo: list[tuple[str, Callable[[], dict]]] = []
     for side, lr in parse_runs(args.runs, task):
         if lr is None:
