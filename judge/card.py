@@ -34,6 +34,7 @@ TAGS = {
     "kto": ["prefloop", "kto", "preference"],
     "sft": ["prefloop", "sft", "best-of-n"],
     "ranked": ["prefloop", "ranking", "reward-modeling"],
+    "groups": ["prefloop", "grpo", "reward"],
     "llamafactory": ["prefloop", "dpo", "preference", "llama-factory"],
     "axolotl": ["prefloop", "dpo", "preference", "axolotl"],
 }
@@ -41,6 +42,7 @@ DESCRIPTION = {
     "kto": "Unpaired preference data in TRL's KTO format (`prompt`, `completion`, `label`).",
     "sft": "Best-of-n answers (each prompt's best-scored answer) for supervised fine-tuning, in TRL's format.",
     "ranked": "Every candidate answer per prompt with its judge score, status and finish reason, best first.",
+    "groups": "Every answer per prompt with its score (`completions`, `rewards`, `truncated`), for GRPO's loss.",
     "llamafactory": "Preference pairs in LLaMA-Factory's sharegpt layout (`ranking: true`).",
     "axolotl": "Preference pairs in axolotl's DPO `chat_template.default` layout.",
 }

@@ -5,6 +5,7 @@ axolotl) or a ranked list, optionally saved with a dataset card or pushed to the
     prefloop export --in judgments.jsonl --format kto --threshold 1 --out kto.jsonl
     prefloop export --in judgments.jsonl --format sft --threshold 1 --out sft.jsonl [--sft-style messages]
     prefloop export --in judgments.jsonl --format ranked --out ranked.jsonl
+    prefloop export --in judgments.jsonl --format groups --out groups.jsonl         # for train --method grpo
     prefloop export --in pairs.jsonl --format llamafactory --out data/prefs.jsonl   # + data/dataset_info.json
     prefloop export --in pairs.jsonl --format axolotl --out prefs.jsonl             # + prefs.axolotl.yaml
     ... --save-to-disk DIR | --push-to-hub REPO [--private]                         # + a dataset card
@@ -48,7 +49,7 @@ from prefloop.store import InputError, atomic_write, iter_records
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("kto", "sft", "ranked", "llamafactory", "axolotl")
+FORMATS = ("kto", "sft", "groups", "ranked", "llamafactory", "axolotl")
 SFT_STYLES = ("prompt_completion", "messages")
 
 

@@ -8,6 +8,10 @@
 - `sft`: best-of-n, one row per prompt: its top-scored answer (ties: the lowest index), kept when its score is >=
   `threshold` if one is given. From pairs: the best chosen answer per prompt (`all_above_margin` pairs share one).
   TRL's prompt-completion rows, or `{"messages": [...]}` with `sft_style: messages`.
+- `groups` (judgments only): per prompt every answer and its score (`completions`, `rewards`, `truncated`: cut at
+  the token limit), GRPO's group, for `prefloop train --method grpo`. A prompt whose answers all score the same is
+  skipped (`equal_rewards`: GRPO's advantage is zero on each), and so is one with an answer that failed judging
+  (`incomplete_group`: the groups would differ in size). Repeated, empty and truncated answers stay, as in GRPO.
 - `ranked` (judgments only): per prompt every candidate with score, status, error and finish_reason, best first,
   failed judgments last, each with its original `index`.
 - `llamafactory` (pairs only): LLaMA-Factory's sharegpt preference rows (`conversations`, `chosen`, `rejected`,
@@ -92,6 +96,11 @@ def from_judgments(
             f"{config.input}:{_line(config.input, pairwise)}: a pairwise judgment (matches, no scores) "
             f"cannot be exported as {fmt}. Fix: run `prefloop pairs` first and export the pairs file."
         )
+    if fmt == "groups":
+        if config.threshold is not None:
+            raise ConfigError("--threshold does not apply to --format groups (every answer keeps its score). Fix: "
+                              "drop --threshold.")
+        return [row for j in judgments if (row := _group(j, skipped)) is not None]
     if fmt == "kto" and config.threshold is None:
         raise ConfigError(
             "--format kto from judgments needs --threshold T (score >= T is labelled desirable, lower "
@@ -129,6 +138,21 @@ def from_judgments(
     return rows
 
 
+def _group(j: dict[str, Any], skipped: Counter) -> dict[str, Any] | None:
+    """One prompt's GRPO group: every answer with its score, or None (counted in `skipped`)."""
+    statuses = j.get("statuses") or ["ok"] * len(j["completions"])
+    if any(score is None or status != "ok" for score, status in zip(j["scores"], statuses, strict=True)):
+        skipped["incomplete_group"] += 1
+        return None
+    if len(j["completions"]) < 2 or len({float(x) for x in j["scores"]}) < 2:
+        skipped["equal_rewards"] += 1
+        return None
+    return {"prompt": j["prompt"], "completions": [c["text"] for c in j["completions"]],
+            "rewards": [float(x) for x in j["scores"]],
+            "truncated": [c.get("finish_reason") == "length" for c in j["completions"]],
+            **template_fields(j.get("chat_template_kwargs"))}
+
+
 def _ranked(j: dict[str, Any]) -> dict[str, Any]:
     n = len(j["completions"])
     statuses, errors = j.get("statuses") or ["ok"] * n, j.get("errors") or [None] * n
@@ -154,9 +178,9 @@ def _ranked(j: dict[str, Any]) -> dict[str, Any]:
 def from_pairs(config: Any, pairs: list[dict[str, Any]], skipped: Counter) -> list[dict[str, Any]]:
     """Rows of `config.format` from TRL preference pairs; `skipped` counts the rows not made, by reason."""
     fmt = config.format
-    if fmt == "ranked":
+    if fmt in ("ranked", "groups"):
         raise ConfigError(
-            "--format ranked lists every candidate with its score, and pairs keep two. Fix: export the "
+            f"--format {fmt} lists every candidate with its score, and pairs keep two. Fix: export the "
             "judgments file the pairs came from."
         )
     if config.threshold is not None and fmt != "sft":
@@ -288,6 +312,8 @@ def length_stats(fmt: str, rows: list[dict[str, Any]]) -> dict[str, dict[str, fl
             found = [("completion", r["messages"][-1] if "messages" in r else r["completion"])]
         elif fmt == "ranked":
             found = [("candidate", c["text"]) for c in r["candidates"]]
+        elif fmt == "groups":
+            found = [("completion", text) for text in r["completions"]]
         else:
             found = [("chosen", r["chosen"]), ("rejected", r["rejected"])]
         for role, answer in found:

@@ -249,6 +249,26 @@ def test_kto_both_labels_keeps_only_prompts_whose_answers_pass_and_fail(tmp_path
         ExportConfig(input=str(src), out=str(tmp_path / "s.jsonl"), format="sft", both_labels=True)
 
 
+@pytest.mark.parametrize("conv", [False, True], ids=["standard", "conversational"])
+def test_groups_keep_every_answer_of_prompts_whose_answers_score_differently(tmp_path, conv):
+    """--format groups (train --method grpo): a's five answers stay whole, the repeated "4", the truncated "44" (marked)
+    and the empty one included, as GRPO scores them; b, with an answer that failed judging, and d, whose answers all
+    score the same, are skipped by name. A pairs file and a threshold are refused."""
+    rows = [*judgments(conv), judgment("d", msgs("5+5=") if conv else "5+5=", ["10", "11"], [0.5, 0.5])]
+    out = export(tmp_path, write_jsonl(tmp_path / "j.jsonl", rows), "groups")
+    p = (lambda t: msgs(t)) if conv else (lambda t: t)
+    assert read_jsonl(out) == [
+        {"prompt": p("2+2="), "completions": ["5", "4", "4", "44", ""], "rewards": [0.0, 1.0, 1.0, 2.0, 0.5],
+         "truncated": [False, False, False, True, False]},
+        {"prompt": p("1+1="), "completions": ["2", "3"], "rewards": [1.0, 0.0], "truncated": [False, False]},
+    ]
+    assert read_summary(out)["skipped"] == {"equal_rewards": 1, "incomplete_group": 1}
+    with pytest.raises(ConfigError, match="export the judgments file"):
+        export(tmp_path, write_jsonl(tmp_path / "p.jsonl", pairs(conv)), "groups", "pg.jsonl")
+    with pytest.raises(ConfigError, match="--threshold does not apply to --format groups"):
+        export(tmp_path, tmp_path / "j.jsonl", "groups", "tg.jsonl", threshold=1.0)
+
+
 # --- TRL trains one step on the kto and sft exports, unconverted ----------------------------------------------------
 
 
