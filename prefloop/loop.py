@@ -12,7 +12,8 @@ Round 0 only evaluates the initial policy (the baseline). Each round k >= 1 runs
     generate - policy k-1 (base + adapter k-1) samples `gen.n` completions per prompt
     judge    - score every completion
     pairs    - chosen/rejected pairs (this round's, or all rounds' with `data: accumulate`); with `kto_threshold`,
-               every answer labelled by its score instead (`labels.jsonl`, KTO's unpaired rows)
+               every answer labelled by its score instead (`labels.jsonl`, KTO's unpaired rows); with
+               `train.method: grpo`, every answer of each prompt with its score (`groups.jsonl`, GRPO's groups)
     train    - DPO on the pairs -> adapter k (`init: previous` continues adapter k-1, `base` starts fresh)
     eval     - policy k answers the held-out prompts (greedy by default), scored by the same judge
 
@@ -141,13 +142,16 @@ class LoopConfig:
             )
         if self.kto_threshold is not None and self.train.get("method") != "kto":
             raise ConfigError("kto_threshold labels answers for KTO. Fix: set train.method: kto, or drop it.")
+        if self.train.get("method") == "grpo" and self.data == "accumulate":
+            raise ConfigError("train.method grpo trains on each round's own samples (GRPO's groups are on-policy). "
+                              "Fix: set data: fresh, or choose another method.")
         if self.rounds < 0:
             raise ConfigError("rounds must be >= 0.")
         # Fail on a bad stage key now, not three rounds in.
         self.stage_config("generate", 1, self.gen)
         self.stage_config("judge", 1, {})
         self.stage_config("pairs", 1, {})
-        if self.kto_threshold is not None:
+        if self.kto_threshold is not None or self.train.get("method") == "grpo":
             labels_config(self, Path(self.out) / "round_001")
         self.stage_config("train", 1, {})
         if self.train_launcher:
@@ -209,6 +213,8 @@ class LoopConfig:
 
             values = {"model": self.model, "pairs": str(d / "pairs.jsonl"), "out": str(d / "train"),
                       "reference": self.reference, "seed": self.seed + k, **self.train, **settings, **paths}
+            if values.get("method") == "grpo" and "temperature" not in self.train:  # GRPO's log-probs at the sampling T
+                values["temperature"] = self.gen.get("temperature", GenerateConfig.temperature)
             return from_dict(TrainConfig, values, f"loop config `train` (round {k})")
         raise ValueError(stage)
 

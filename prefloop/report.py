@@ -55,7 +55,7 @@ PAIRS = 3  # pairs of the latest round shown
 
 
 def _rows(summary: dict[str, Any]) -> int | None:
-    """A round's training rows: its pairs, or (the loop's `kto_threshold`) its labelled answers."""
+    """A round's training rows: its pairs, or (the loop's `kto_threshold`, grpo) its labelled answers or groups."""
     return summary.get("pairs", summary.get("rows_out"))
 
 

@@ -1,5 +1,6 @@
-"""A loop round's training rows (the loop's pairs phase): the round's chosen/rejected pairs (`prefloop pairs`), or,
-with `kto_threshold`, every usable answer labelled by its score (`prefloop export --format kto`), for KTO.
+"""A loop round's training rows (the loop's pairs phase): the round's chosen/rejected pairs (`prefloop pairs`); with
+`kto_threshold`, every usable answer labelled by its score (`prefloop export --format kto`), for KTO; with
+`train.method: grpo`, every answer of each prompt with its score (`prefloop export --format groups`), for GRPO.
 
 With `data: accumulate` the rows of every round so far are concatenated into `train_pairs.jsonl`, which training
 reads instead. No rows is a failed phase (StageFailed), with the judge's position bias named when it explains it.
@@ -19,7 +20,7 @@ from prefloop.store import atomic_write, iter_records
 def pairs_phase(config: Any, k: int, d: Path) -> tuple[Path, dict[str, Any]]:
     """Round k's training rows from `d/judgments.jsonl`, for a LoopConfig `config`: (their file, its summary)."""
     try:
-        if config.kto_threshold is not None:
+        if rows_file(config) != "pairs.jsonl":
             from prefloop.judge.export import run as export
 
             out = export(labels_config(config, d))
@@ -32,7 +33,7 @@ def pairs_phase(config: Any, k: int, d: Path) -> tuple[Path, dict[str, Any]]:
             hint = (f" The judge picked the first slot {stats['first_position_win_rate']:.0%} of the time and its "
                     f"two orders agreed {stats.get('agreement_rate') or 0:.0%} of the time: a judge with a strong "
                     "position bias or failing parses labels nothing.")
-        what = "pairs" if config.kto_threshold is None else "labelled answers"
+        what = {"pairs.jsonl": "pairs", "labels.jsonl": "labelled answers"}.get(rows_file(config), "answer groups")
         raise StageFailed(f"round {k}: no {what} to train on: {e}{hint} See {d / 'judgments.summary.json'} and "
                           "the report.") from None
     summary = read_summary(out)
@@ -44,15 +45,19 @@ def pairs_phase(config: Any, k: int, d: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def rows_file(config: Any) -> str:
-    """A round's training rows: its pairs, or its labelled answers (`kto_threshold`)."""
-    return "pairs.jsonl" if config.kto_threshold is None else "labels.jsonl"
+    """A round's training rows: its pairs, its labelled answers (`kto_threshold`) or its answer groups (grpo)."""
+    if config.kto_threshold is not None:
+        return "labels.jsonl"
+    return "groups.jsonl" if config.train.get("method") == "grpo" else "pairs.jsonl"
 
 
 def labels_config(config: Any, d: Path) -> Any:
-    """The export that labels round directory `d`'s answers (`kto_threshold`); LoopConfig builds it up front too, so
-    a bad threshold fails before any round samples."""
+    """The export that labels round directory `d`'s answers (`kto_threshold`) or groups them (grpo); LoopConfig builds
+    it up front too, so a bad threshold fails before any round samples."""
     from prefloop.judge.export import ExportConfig
 
+    if config.kto_threshold is None:
+        return ExportConfig(input=str(d / "judgments.jsonl"), out=str(d / rows_file(config)), format="groups")
     return ExportConfig(input=str(d / "judgments.jsonl"), out=str(d / rows_file(config)), format="kto",
                         threshold=config.kto_threshold, both_labels=True,
                         keep_truncated=bool(config.pairs.get("keep_truncated")))

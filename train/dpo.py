@@ -94,13 +94,16 @@ class TrainConfig:
     ld_alpha: float | None = field(None, help="dpo: length desensitization (LD-DPO, TRL's ld_alpha in [0, 1]): the "
                                    "log-probs of tokens past the shorter answer's length count this much.")
     simpo_gamma: float = field(0.5, help="simpo: target reward margin γ.")
+    temperature: float = field(1.0, help="grpo: the temperature the answers were sampled at, at which TRL's GRPO "
+                               "takes its log-probs (the loop sets it from gen.temperature).")
     desirable_weight: float = field(1.0, help="kto: weight of desirable (chosen) completions' losses.")
     undesirable_weight: float = field(1.0, help="kto: weight of undesirable (rejected) completions' losses.")
     # LoRA moves a few low-rank weights from zero; it wants ~100x the learning rate of full fine-tuning (TRL's 1e-6).
     lr: float = field(5e-4, help="Peak learning rate (linear decay). Use ~1e-6 for full fine-tuning.")
     epochs: float = field(1.0, help="Passes over the pairs.")
     max_steps: int = field(-1, help="Stop after this many optimizer steps (-1: `epochs` decides).")
-    batch_size: int = field(8, help="Pairs per device per forward pass.")
+    batch_size: int = field(8, help="Pairs (kto, sft: answers; grpo: prompts, each with its group) per device per "
+                            "forward pass.")
     grad_accum: int = field(1, help="Forward passes accumulated per optimizer step.")
     max_length: int = field(1024, help="Token cap on prompt + completion; longer sequences are truncated at the end.")
     lora: bool = field(True, help="Train a LoRA adapter (the base stays frozen); --no-lora for full fine-tuning.")
@@ -159,7 +162,13 @@ class TrainConfig:
             raise ConfigError("merge=True needs LoRA. Fix: drop --merge; full fine-tuning already writes out/model.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype = {self.dtype!r}. Fix: use one of {', '.join(DTYPES)}.")
-        if self.beta <= 0 or self.lr <= 0:
+        if self.method == "grpo" and self.beta != 0:
+            raise ConfigError(f"beta = {self.beta}: grpo trains with TRL's default beta 0 (no KL term, no reference). "
+                              "Fix: drop beta.")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature = {self.temperature}: grpo's log-probs need a temperature > 0 (answers "
+                              "sampled greedily all agree, and GRPO learns nothing from them). Fix: sample at T > 0.")
+        if (self.beta <= 0 and self.method != "grpo") or self.lr <= 0:
             raise ConfigError(f"beta ({self.beta}) and lr ({self.lr}) must be > 0.")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("Nothing to train: epochs <= 0 and max_steps <= 0. Fix: set --epochs or --max-steps.")
@@ -274,34 +283,24 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         shape = model.peft_config["default"]
         if (shape.r, shape.lora_alpha) != (config.lora_r, config.lora_alpha):
-            log.info(
-                "train: continuing %s with its own r=%s, alpha=%s (lora_r/lora_alpha apply to new adapters)",
-                config.adapter,
-                shape.r,
-                shape.lora_alpha,
-            )
+            log.info("train: continuing %s with its own r=%s, alpha=%s (lora_r/lora_alpha apply to new adapters)",
+                     config.adapter, shape.r, shape.lora_alpha)
 
     args = training_args(config) if args is None else args
     how = method(config.method)
     dataset = how.dataset(load_pairs(config.pairs, config.method), config.seed) if dataset is None else dataset
     trainer_class, _ = how.trainer()
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    served = {}  # grpo: the stored answers and their scores stand in for TRL's own sampling (train/grpo.py)
+    if config.method == "grpo":
+        from prefloop.train.grpo import rollout, stored_reward
+
+        served = {"reward_funcs": stored_reward, "rollout_func": rollout(dataset, tokenizer, args.num_generations)}
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=peft_config, callbacks=callbacks, **served)
     dropped = len(dataset) - len(trainer.train_dataset)
     if dropped:
-        log.warning(
-            "train: %d of %d %s dropped: their prompt alone fills max_length=%d (raise --max-length)",
-            dropped,
-            len(dataset),
-            rows_word(config.method),
-            config.max_length,
-        )
+        log.warning("train: %d of %d %s dropped: their prompt alone fills max_length=%d (raise --max-length)",
+                    dropped, len(dataset), rows_word(config.method), config.max_length)
     if how.uses_reference and config.adapter is not None and config.reference == "initial":
         # TRL copied the loaded adapter into a frozen "ref" adapter; without it, TRL's reference forward runs with
         # adapters disabled, which is `model` -- what `initial` asks for. "ref" is inactive, so "default" stays put.
@@ -324,14 +323,13 @@ def training_args(config: TrainConfig):
     ckpt_kwargs: dict[str, Any] = {"gradient_checkpointing": config.gradient_checkpointing}
     if "activation_checkpointing" in config_class.__dataclass_fields__:  # transformers>=5 renamed it (and warns)
         ckpt_kwargs = {"activation_checkpointing": config.gradient_checkpointing, "gradient_checkpointing": None}
-    return config_class(
+    shared = dict(
         output_dir=str(Path(config.out) / "checkpoints"),
         learning_rate=config.lr,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length,
         seed=config.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -347,8 +345,9 @@ def training_args(config: TrainConfig):
         # off by itself only for a bare PreTrainedModel, not for a PeftModel).
         ddp_find_unused_parameters=False,
         **ckpt_kwargs,
-        **how.options(config),
+        **({"max_length": config.max_length} if "max_length" in config_class.__dataclass_fields__ else {}),
     )
+    return config_class(**{**shared, **how.options(config)})  # grpo counts its batch in answers, not groups
 
 
 def _check_reference(trainer, config: TrainConfig) -> None:

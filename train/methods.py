@@ -7,11 +7,13 @@
 | `kto`   | `trl.KTOTrainer`                         | yes (`reference`)  | pairs unpaired (chosen -> desirable, rejected -> undesirable), or a KTO file (`prompt`, `completion`, `label`) |
 | `simpo` | `trl.experimental.cpo.CPOTrainer`, loss_type `simpo`, `cpo_alpha` 0 | none | pairs |
 | `sft`   | `trl.SFTTrainer`                         | none               | the chosen answers (best-of-n rejection sampling), or a file of `prompt`, `completion` |
+| `grpo`  | `trl.GRPOTrainer`, answers served by `rollout_func` (train/grpo.py) | none (beta 0) | a groups file: every scored answer of each prompt (`prefloop export --format groups`) |
 
 `beta` means what each trainer calls beta: DPO's and KTO's KL strength, ORPO's λ (the weight of the odds-ratio
 term against the SFT loss, the paper's λ), SimPO's reward scale β (with `simpo_gamma`, the target margin γ). Its
 default is TRL's per method (0.1), except SimPO, whose paper and TRL's docs pair β = 2.0 with γ = 0.5 (TRL's own
-default β of 0.1 with γ 0.5 asks for a margin the scaled rewards can hardly reach). `sft` has no beta.
+default β of 0.1 with γ 0.5 asks for a margin the scaled rewards can hardly reach). `sft` has no beta; `grpo` keeps
+TRL's default 0 (no KL term), the only value it takes.
 
 Every method is trained with LoRA by default and keeps the train stage's contract (checkpoints, resume, summary,
 drift refusal, merge); the losses are TRL's, never rewritten here.
@@ -29,9 +31,10 @@ from typing import Any
 
 from prefloop.config import ConfigError
 from prefloop.records import TEMPLATE_COLUMNS
+from prefloop.train.grpo import GROUPS, group_size
 
-METHODS = ("dpo", "orpo", "kto", "simpo", "sft")
-DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0, "sft": 0.1}
+METHODS = ("dpo", "orpo", "kto", "simpo", "sft", "grpo")
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0, "sft": 0.1, "grpo": 0.0}
 PAIRED = ("prompt", "chosen", "rejected")
 UNPAIRED = ("prompt", "completion", "label")  # TRL's unpaired preference format (KTO)
 COMPLETIONS = ("prompt", "completion")  # TRL's prompt-completion format (SFT)
@@ -61,6 +64,10 @@ class Method:
             from trl.experimental.cpo import CPOConfig, CPOTrainer
 
             return CPOTrainer, CPOConfig
+        if self.name == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            return GRPOTrainer, GRPOConfig
         from trl import SFTConfig, SFTTrainer
 
         return SFTTrainer, SFTConfig
@@ -93,6 +100,12 @@ class Method:
                 "simpo_gamma": config.simpo_gamma,
                 **dropout,
             }
+        if self.name == "grpo":
+            # TRL's defaults otherwise (loss_type dapo, scale_rewards group, beta 0). The answers are given, so
+            # max_length caps only nothing TRL generates; it is the completion cap TRL's config has instead.
+            n = group_size(config.pairs)  # batch_size counts groups (rows), as it counts pairs for dpo
+            return {"num_generations": n, "per_device_train_batch_size": config.batch_size * n,
+                    "max_completion_length": config.max_length, "temperature": config.temperature, **dropout}
         return {"completion_only_loss": True}  # sft: the loss is on the answer, never the prompt
 
     def dataset(self, dataset, seed: int = 0):
@@ -115,6 +128,9 @@ class Method:
             if set(wanted) <= columns:
                 # Extra columns (id, scores, meta) mean nothing to a trainer, and some trainers' collators choke on
                 # nested ones; DPO drops them itself.
+                if self.name == "grpo":  # TRL passes every column to the reward function, and `completions` is its
+                    cut = ["truncated"] if "truncated" in columns else []  # no EOS after these
+                    return dataset.select_columns([*wanted, *cut, *template]).rename_column("completions", "answers")
                 return dataset.select_columns([*wanted, *template])
         raise AssertionError(f"{self.name}: columns {sorted(columns)} were checked on load")
 
@@ -125,6 +141,7 @@ _METHODS = {
     "kto": Method("kto", True, (PAIRED, UNPAIRED)),
     "simpo": Method("simpo", False, (PAIRED,)),
     "sft": Method("sft", False, (PAIRED, COMPLETIONS)),
+    "grpo": Method("grpo", False, (GROUPS,)),
 }
 
 
@@ -147,4 +164,4 @@ def check_template_columns(dataset, path: Any, name: str) -> None:
 
 def rows_word(name: str) -> str:
     """What one training row is, for log lines and summaries."""
-    return {"kto": "labelled completions", "sft": "completions"}.get(name, "pairs")
+    return {"kto": "labelled completions", "sft": "completions", "grpo": "answer groups"}.get(name, "pairs")

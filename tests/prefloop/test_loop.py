@@ -133,6 +133,27 @@ def test_kto_threshold_trains_kto_on_every_answer_of_prompts_with_both_labels(wo
     assert not (tmp_path / "nan").exists()
 
 
+def test_grpo_trains_on_every_answer_of_prompts_whose_answers_score_differently(workdir, tmp_path):
+    """train.method grpo: the pairs phase writes groups.jsonl, every answer (repeats, truncated ones and all) of the
+    prompts whose answers do not all score the same, recomputed here from the round's judgments, and TRL's GRPO trains
+    on exactly those groups at the sampling temperature; grpo with data: accumulate is refused before any work."""
+    values = {**loop_values(workdir, str(tmp_path / "grpo"), rounds=1), "eval_prompts": None,
+              "train": {**loop_values(workdir, "")["train"], "method": "grpo"}}
+    values["gen"] = {**values["gen"], "temperature": 0.7}
+    root = run_loop(from_dict(LoopConfig, values))
+    d = root / "round_001"
+    want = [(j["prompt"], [c["text"] for c in j["completions"]], j["scores"]) for j in read_records(d / "judgments.jsonl")
+            if len(set(j["scores"])) > 1]
+    got = [(r["prompt"], r["completions"], r["rewards"]) for r in read_records(d / "groups.jsonl")]
+    assert got == want and want
+    train = json.loads((root / "manifest.json").read_text())["rounds"][1]["phases"]["train"]["summary"]
+    assert (train["method"], train["pairs"], train["rows"]) == ("grpo", len(want), "answer groups")
+    assert train["config"]["temperature"] == 0.7  # GRPO's log-probs at the temperature the answers were sampled at
+    assert not (d / "pairs.jsonl").exists() and (d / "train" / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(ConfigError, match="grpo trains on each round's own samples"):
+        from_dict(LoopConfig, {**values, "out": str(tmp_path / "acc"), "data": "accumulate"})
+
+
 def test_changed_loop_config_is_refused(workdir):
     """Resuming a run with a changed setting is refused naming the key; raising `rounds` is allowed."""
     values = loop_values(workdir, "drift", rounds=0)

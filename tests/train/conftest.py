@@ -60,6 +60,17 @@ def pairs_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", make_pairs())
 
 
+def make_groups(n: int = 4) -> list[dict]:
+    """A groups file's rows (`prefloop export --format groups`): 4 answers per prompt, the last cut at the limit."""
+    return [{"prompt": f"{i}+1=", "completions": [str(i + 1), str(i + 2), f"{i + 1}0", "x"],
+             "rewards": [1.0, 0.0, 0.5, 0.0], "truncated": [False, False, False, True]} for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def groups_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("groups") / "groups.jsonl", make_groups())
+
+
 @pytest.fixture(scope="session")
 def conv_pairs_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs_conv.jsonl", make_pairs(conversational=True))

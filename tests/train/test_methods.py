@@ -171,11 +171,13 @@ def test_kto_and_sft_read_their_own_formats(make_config, tmp_path):
         run(make_config("wrong", pairs=str(sft), method="orpo", max_steps=1))
 
 
-@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "sft"])
-def test_each_method_resumes_to_the_uninterrupted_run(make_config, name):
+@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "sft", "grpo"])
+def test_each_method_resumes_to_the_uninterrupted_run(make_config, groups_file, name):
     """Killed after checkpoint 2 of 4, the re-run resumes there and ends with the straight run's losses and adapter;
     the summary names the method."""
     settings = dict(method=name, max_steps=-1, epochs=1, batch_size=2 if name != "kto" else 4, save_steps=2, lr=1e-2)
+    if name == "grpo":  # 4 groups of 4 answers: one group a step
+        settings.update(pairs=groups_file, batch_size=1)
     straight_logs = LogCollector()
     straight = run(make_config(f"{name}-straight", **settings), callbacks=[straight_logs])
     config = make_config(f"{name}-resumed", **settings)

@@ -1,0 +1,99 @@
+"""`method: grpo`: TRL's GRPO loss on answers already sampled and scored, the loop's round as GRPO's rollouts.
+
+TRL's `GRPOTrainer` samples its own answers with the policy being trained, a few prompts at a time. Here the answers
+come from a groups file (`prefloop export --format groups`: per prompt, every answer generate sampled and the score
+judge gave it), served to the trainer through its `rollout_func`: the trainer asks for a batch of prompts' answers
+and gets the stored ones, tokenized as its own generation would have left them (the prompt through the chat template
+with the generation prompt, the answer's tokens, then EOS unless the answer was cut at the token limit). Their
+stored scores are the reward (`stored_reward`), so TRL computes its group-normalised advantages and its loss
+(`loss_type`, `scale_rewards`: TRL's defaults) exactly as on its own samples. Nothing of GRPO's loss is rewritten.
+
+What changes against TRL's own loop: sampling is the generate stage's (vLLM's batched engine, any backend) and the
+judge stage's, and happens once per round, so an answer may be trained on a few optimizer steps after the policy
+that sampled it moved (as in GRPO with `steps_per_generation` > 1). `beta` is TRL's default 0 (no KL term, no
+reference model), and log-probabilities are taken at temperature 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prefloop.config import ConfigError
+from prefloop.store import InputError, iter_records
+
+GROUPS = ("prompt", "completions", "rewards")  # a groups file's columns (plus `truncated` and template columns)
+
+
+def group_size(path: str | Path) -> int:
+    """The answers per prompt of groups file `path`: every row must have the same number (GRPO's num_generations)."""
+    sizes: Counter[int] = Counter()
+    for lineno, row in iter_records(path):
+        if not set(GROUPS) <= row.keys():
+            raise InputError(f"{path}:{lineno}: not a groups row (prompt, completions, rewards). Fix: train grpo on "
+                             "`prefloop export --format groups` output.")
+        n = len(row["completions"])
+        if n != len(row["rewards"]) or n < 2:
+            raise InputError(f"{path}:{lineno}: {n} completions and {len(row['rewards'])} rewards. Fix: a group needs "
+                             "one reward per completion and at least 2 of each.")
+        if sizes and n not in sizes:
+            raise InputError(f"{path}:{lineno}: {n} answers, while earlier rows have {next(iter(sizes))}; GRPO "
+                             "normalises rewards in groups of one size. Fix: sample the same n for every prompt.")
+        sizes[n] += 1
+    if not sizes:
+        raise ConfigError(f"{path}: no groups to train on. Fix: check the export's skipped counts.")
+    return next(iter(sizes))
+
+
+def _key(prompt: Any) -> str:
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def stored_reward(prompts: list, completions: list, stored_reward: list[float], **kwargs) -> list[float]:
+    """The reward function TRL calls: the judge stage's score of each answer, carried by the rollout."""
+    return [float(r) for r in stored_reward]
+
+
+def rollout(dataset, tokenizer, group: int):
+    """TRL's `rollout_func` serving `dataset`'s stored answers (a groups file's rows, `completions` named `answers`).
+
+    TRL passes the batch's prompts, each repeated once per answer it wants (its sampler repeats a prompt
+    `num_generations` times); the k-th occurrence of a prompt in a call gets the prompt's k-th stored answer. A prompt
+    passed once gets all of its answers."""
+    groups = {_key(row["prompt"]): row for row in dataset}
+    eos = tokenizer.eos_token_id
+
+    def prompt_ids(row: dict[str, Any]) -> list[int]:
+        if isinstance(row["prompt"], str):
+            return tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        kwargs = dict(row.get("chat_template_kwargs") or {})
+        if row.get("tools"):
+            kwargs["tools"] = json.loads(row["tools"])
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, **kwargs)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def answer_ids(row: dict[str, Any], k: int) -> list[int]:
+        ids = tokenizer(row["answers"][k], add_special_tokens=False)["input_ids"]
+        cut = bool((row.get("truncated") or [False] * group)[k])
+        return ids if cut else [*ids, eos]
+
+    def serve(prompts: list, trainer: Any = None) -> dict[str, list]:
+        counts = Counter(_key(p) for p in prompts)
+        seen: Counter[str] = Counter()
+        out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": None, "stored_reward": []}
+        for prompt in prompts:
+            key = _key(prompt)
+            row = groups.get(key)
+            if row is None:
+                raise KeyError(f"rollout: a prompt not in the groups file: {key[:120]}")
+            ks = [seen[key]] if counts[key] > 1 else range(group)
+            seen[key] += 1
+            for k in ks:
+                out["prompt_ids"].append(prompt_ids(row))
+                out["completion_ids"].append(answer_ids(row, k % group))
+                out["stored_reward"].append(row["rewards"][k % group])
+        return out
+
+    return serve
