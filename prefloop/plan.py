@@ -89,6 +89,8 @@ def _rows(config: Any, pairs: Any) -> str:
 
 def _train(config: Any, train: Any) -> str:
     loss = "+".join(train.loss) if isinstance(train.loss, list) else str(train.loss)
+    if train.method == "grpo":
+        loss = f"TRL's GRPO loss, log-probs at T={train.temperature:g}"
     weights = f"LoRA r={train.lora_r}" if train.lora else "full fine-tuning"
     start = "the previous round's policy" if config.init == "previous" else "the base"
     length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epoch(s)"

@@ -84,3 +84,11 @@ def test_dry_run_of_a_kto_labelling_loop_names_labels_not_pairs(tmp_path):
     text = dry(d, kto_threshold=1.5, train={**values(d)["train"], "method": "kto"})
     assert "labels (no pairs): every answer of the prompts whose answers score both >= and < 1.5" in text
     assert "pairs:" not in text and "train: kto (" in text
+
+
+def test_dry_run_of_a_grpo_loop_names_answer_groups_and_the_sampling_temperature(tmp_path):
+    d = loop_workdir(tmp_path)
+    (d / "pool.jsonl").write_bytes((d / "prompts.jsonl").read_bytes())
+    text = dry(d, gen={**values(d)["gen"], "temperature": 0.8}, train={**values(d)["train"], "method": "grpo"})
+    assert "answer groups (no pairs): every answer of the prompts whose answers score differently" in text
+    assert "pairs:" not in text and "train: grpo (TRL's GRPO loss, log-probs at T=0.8)" in text
