@@ -29,7 +29,11 @@ GROUPS = ("prompt", "completions", "rewards")  # a groups file's columns (plus `
 
 def group_size(path: str | Path) -> int:
     """The answers per prompt of groups file `path`: every row must have the same number (GRPO's num_generations)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: groups file not found. Fix: run `prefloop export --format groups` first or check "
+                          "--pairs.")
     sizes: Counter[int] = Counter()
+    first: dict[str, int] = {}
     for lineno, row in iter_records(path):
         if not set(GROUPS) <= row.keys():
             raise InputError(f"{path}:{lineno}: not a groups row (prompt, completions, rewards). Fix: train grpo on "
@@ -42,6 +46,11 @@ def group_size(path: str | Path) -> int:
             raise InputError(f"{path}:{lineno}: {n} answers, while earlier rows have {next(iter(sizes))}; GRPO "
                              "normalises rewards in groups of one size. Fix: sample the same n for every prompt.")
         sizes[n] += 1
+        key = _key(row["prompt"])
+        if key in first:  # TRL's rollout hook is given the prompt alone, so it must name one group
+            raise InputError(f"{path}:{lineno}: the same prompt as line {first[key]}. Fix: merge the two groups' "
+                             "answers into one row, or keep one of them.")
+        first[key] = lineno
     if not sizes:
         raise ConfigError(f"{path}: no groups to train on. Fix: check the export's skipped counts.")
     return next(iter(sizes))

@@ -69,11 +69,16 @@ def test_training_moves_probability_to_the_better_rewarded_answers(make_config, 
         assert after[0] - after[1] > before[0] - before[1] + 1.0, row["prompt"]
 
 
-def test_groups_of_other_sizes_and_a_beta_are_refused(make_config, tmp_path):
+def test_bad_groups_files_and_a_beta_are_refused_naming_the_fix(make_config, tmp_path):
     rows = make_groups(3)
     rows[2] = {**rows[2], "completions": rows[2]["completions"][:3], "rewards": [1.0, 0.0, 0.5]}
     mixed = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with pytest.raises(InputError, match=r"mixed.jsonl:3: 3 answers, while earlier rows have 4"):
         run(make_config("mixed", method="grpo", pairs=mixed))
+    twice = write_jsonl(tmp_path / "twice.jsonl", [*make_groups(2), make_groups(1)[0]])
+    with pytest.raises(InputError, match=r"twice.jsonl:3: the same prompt as line 1"):
+        run(make_config("twice", method="grpo", pairs=twice))
+    with pytest.raises(ConfigError, match=r"missing.jsonl: groups file not found"):
+        run(make_config("missing", method="grpo", pairs=tmp_path / "missing.jsonl"))
     with pytest.raises(ConfigError, match="grpo trains with TRL's default beta 0"):
         make_config(method="grpo", beta=0.1)
