@@ -99,7 +99,8 @@ class TrainConfig:
     desirable_weight: float = field(1.0, help="kto: weight of desirable (chosen) completions' losses.")
     undesirable_weight: float = field(1.0, help="kto: weight of undesirable (rejected) completions' losses.")
     # LoRA moves a few low-rank weights from zero; it wants ~100x the learning rate of full fine-tuning (TRL's 1e-6).
-    lr: float = field(5e-4, help="Peak learning rate (linear decay). Use ~1e-6 for full fine-tuning.")
+    lr: float = field(5e-4, help="Peak learning rate. Use ~1e-6 for full fine-tuning.")
+    lr_schedule: str = field("linear", help="linear (decays to 0 by the last step) or constant.")
     epochs: float = field(1.0, help="Passes over the pairs.")
     max_steps: int = field(-1, help="Stop after this many optimizer steps (-1: `epochs` decides).")
     batch_size: int = field(8, help="Pairs (kto, sft: answers; grpo: prompts, each with its group) per device per "
@@ -149,17 +150,15 @@ class TrainConfig:
         if unknown or not self.loss:
             raise ConfigError(f"loss = {self.loss}: unknown {unknown}. Fix: choose from {', '.join(LOSS_TYPES)}.")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss):
-            raise ConfigError(
-                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss)} losses "
-                f"({','.join(self.loss)}). Fix: give one weight per loss, or omit loss_weights."
-            )
+            raise ConfigError(f"loss_weights has {len(self.loss_weights)} values for {len(self.loss)} losses "
+                              f"({','.join(self.loss)}). Fix: give one weight per loss, or omit loss_weights.")
         if not self.lora and self.adapter:
-            raise ConfigError(
-                "adapter is set with lora=False. Fix: drop --adapter (full fine-tuning continues from "
-                "--model; pass a merged model there) or keep LoRA on."
-            )
+            raise ConfigError("adapter is set with lora=False. Fix: drop --adapter (full fine-tuning continues from "
+                              "--model; pass a merged model there) or keep LoRA on.")
         if not self.lora and self.merge:
             raise ConfigError("merge=True needs LoRA. Fix: drop --merge; full fine-tuning already writes out/model.")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ConfigError(f"lr_schedule = {self.lr_schedule!r}. Fix: use linear or constant.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype = {self.dtype!r}. Fix: use one of {', '.join(DTYPES)}.")
         if self.method == "grpo" and self.beta != 0:
@@ -180,10 +179,8 @@ class TrainConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout = {self.lora_dropout} must be in [0, 1).")
         if "lm_head" in self.lora_target_modules.split(","):
-            raise ConfigError(
-                "LoRA on lm_head is never trained by TRL's DPO (it reads lm_head.weight directly). "
-                "Fix: remove lm_head from --lora-target-modules."
-            )
+            raise ConfigError("LoRA on lm_head is never trained by TRL's DPO (it reads lm_head.weight directly). "
+                              "Fix: remove lm_head from --lora-target-modules.")
 
 
 def _split(value: Any, kind: type) -> list:
@@ -326,6 +323,7 @@ def training_args(config: TrainConfig):
     shared = dict(
         output_dir=str(Path(config.out) / "checkpoints"),
         learning_rate=config.lr,
+        lr_scheduler_type=config.lr_schedule,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,

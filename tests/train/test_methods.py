@@ -218,3 +218,16 @@ def test_length_controls_reach_trl(make_config):
 
     assert training_args(make_config(ld_alpha=0.3)).ld_alpha == 0.3
     assert training_args(make_config()).ld_alpha is None
+
+
+def test_lr_schedule_constant_keeps_the_rate_and_linear_decays_it(make_config):
+    """The learning rate Trainer logs at each of 3 steps: lr each time with `constant`, falling with `linear`."""
+    rates = {}
+    for schedule in ("constant", "linear"):
+        logs = LogCollector()
+        run(make_config(f"lr-{schedule}", lr_schedule=schedule, max_steps=3, lr=1e-3), callbacks=[logs])
+        rates[schedule] = [x["learning_rate"] for x in logs.logs if "learning_rate" in x]
+    assert rates["constant"] == pytest.approx([1e-3] * 3)
+    assert rates["linear"][0] == pytest.approx(1e-3) and rates["linear"][0] > rates["linear"][1] > rates["linear"][2]
+    with pytest.raises(ConfigError, match="lr_schedule = 'cosine'. Fix: use linear or constant"):
+        make_config(lr_schedule="cosine")
