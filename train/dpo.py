@@ -164,7 +164,7 @@ class TrainConfig:
         if self.method == "grpo" and self.beta != 0:
             raise ConfigError(f"beta = {self.beta}: grpo trains with TRL's default beta 0 (no KL term, no reference). "
                               "Fix: drop beta.")
-        if not self.temperature > 0:
+        if self.method == "grpo" and not self.temperature > 0:
             raise ConfigError(f"temperature = {self.temperature}: grpo's log-probs need a temperature > 0 (answers "
                               "sampled greedily all agree, and GRPO learns nothing from them). Fix: sample at T > 0.")
         if (self.beta <= 0 and self.method != "grpo") or self.lr <= 0:

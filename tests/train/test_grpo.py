@@ -82,3 +82,5 @@ def test_bad_groups_files_and_a_beta_are_refused_naming_the_fix(make_config, tmp
         run(make_config("missing", method="grpo", pairs=tmp_path / "missing.jsonl"))
     with pytest.raises(ConfigError, match="grpo trains with TRL's default beta 0"):
         make_config(method="grpo", beta=0.1)
+    with pytest.raises(ConfigError, match="temperature = 0.0: grpo's log-probs need a temperature > 0"):
+        make_config(method="grpo", temperature=0.0)
