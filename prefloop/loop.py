@@ -54,7 +54,7 @@ from prefloop.judge.stage import run as judge
 from prefloop.lock import exclusive
 from prefloop.pool import decontaminate_pool, dedup_pool, draw_round
 from prefloop.records import load_prompts
-from prefloop.rows import labels_config, pairs_phase, rows_file
+from prefloop.rows import export_config, pairs_phase, rows_file
 from prefloop.runstate import StageRun, read_summary
 from prefloop.scoring import eval_summary, fixed_costs, judge_vs_gold, mean_length, pairwise_eval
 from prefloop.store import atomic_write_json
@@ -151,8 +151,8 @@ class LoopConfig:
         self.stage_config("generate", 1, self.gen)
         self.stage_config("judge", 1, {})
         self.stage_config("pairs", 1, {})
-        if self.kto_threshold is not None or self.train.get("method") == "grpo":
-            labels_config(self, Path(self.out) / "round_001")
+        if rows_file(self) != "pairs.jsonl":
+            export_config(self, Path(self.out) / "round_001")
         self.stage_config("train", 1, {})
         if self.train_launcher:
             from prefloop.train.launch import launch_config

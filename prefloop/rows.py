@@ -23,7 +23,7 @@ def pairs_phase(config: Any, k: int, d: Path) -> tuple[Path, dict[str, Any]]:
         if rows_file(config) != "pairs.jsonl":
             from prefloop.judge.export import run as export
 
-            out = export(labels_config(config, d))
+            out = export(export_config(config, d))
         else:
             out = select_pairs(config.stage_config("pairs", k, {}))
     except StageFailed as e:
@@ -51,7 +51,7 @@ def rows_file(config: Any) -> str:
     return "groups.jsonl" if config.train.get("method") == "grpo" else "pairs.jsonl"
 
 
-def labels_config(config: Any, d: Path) -> Any:
+def export_config(config: Any, d: Path) -> Any:
     """The export that labels round directory `d`'s answers (`kto_threshold`) or groups them (grpo); LoopConfig builds
     it up front too, so a bad threshold fails before any round samples."""
     from prefloop.judge.export import ExportConfig

@@ -69,8 +69,7 @@ def rollout(dataset, tokenizer, group: int):
     """TRL's `rollout_func` serving `dataset`'s stored answers (a groups file's rows, `completions` named `answers`).
 
     TRL passes the batch's prompts, each repeated once per answer it wants (its sampler repeats a prompt
-    `num_generations` times); the k-th occurrence of a prompt in a call gets the prompt's k-th stored answer. A prompt
-    passed once gets all of its answers."""
+    `num_generations` times); the k-th occurrence of a prompt in a call gets the prompt's k-th stored answer."""
     groups = {_key(row["prompt"]): row for row in dataset}
     eos = tokenizer.eos_token_id
 
@@ -89,20 +88,24 @@ def rollout(dataset, tokenizer, group: int):
         return ids if cut else [*ids, eos]
 
     def serve(prompts: list, trainer: Any = None) -> dict[str, list]:
-        counts = Counter(_key(p) for p in prompts)
         seen: Counter[str] = Counter()
+        rendered: dict[str, list[int]] = {}  # each prompt through the chat template once per call, not per answer
         out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": None, "stored_reward": []}
         for prompt in prompts:
             key = _key(prompt)
             row = groups.get(key)
             if row is None:
                 raise KeyError(f"rollout: a prompt not in the groups file: {key[:120]}")
-            ks = [seen[key]] if counts[key] > 1 else range(group)
+            k = seen[key] % group
             seen[key] += 1
-            for k in ks:
-                out["prompt_ids"].append(prompt_ids(row))
-                out["completion_ids"].append(answer_ids(row, k % group))
-                out["stored_reward"].append(row["rewards"][k % group])
+            if key not in rendered:
+                rendered[key] = prompt_ids(row)
+            out["prompt_ids"].append(rendered[key])
+            out["completion_ids"].append(answer_ids(row, k))
+            out["stored_reward"].append(row["rewards"][k])
+        if any(n % group for n in seen.values()):  # TRL's sampler always asks for whole groups
+            raise RuntimeError(f"rollout: TRL asked for {sorted(set(seen.values()))} answers of a prompt, not whole "
+                               f"groups of {group}; TRL's rollout_func contract changed?")
         return out
 
     return serve
