@@ -145,6 +145,9 @@ class LoopConfig:
         if self.train.get("method") == "grpo" and self.data == "accumulate":
             raise ConfigError("train.method grpo trains on each round's own samples (GRPO's groups are on-policy). "
                               "Fix: set data: fresh, or choose another method.")
+        if self.train.get("carry_optimizer") and self.init == "base":
+            raise ConfigError("train.carry_optimizer carries AdamW's moments into the adapter a round continues; "
+                              "init: base starts a fresh one each round. Fix: set init: previous, or drop it.")
         if self.rounds < 0:
             raise ConfigError("rounds must be >= 0.")
         # Fail on a bad stage key now, not three rounds in.

@@ -46,10 +46,12 @@ from prefloop.device import resolve_device, resolve_dtype
 from prefloop.lock import output_lock
 from prefloop.runstate import StageRun
 from prefloop.store import atomic_dir, atomic_write_json
+from prefloop.train import carry
 from prefloop.train.distributed import decide_on_main, gathered_state_dict, is_replica, quiet_replicas, world
 from prefloop.train.kernels import size_lm_head_tiles
 from prefloop.train.methods import DEFAULT_BETA, METHODS, check_template_columns, method, rows_word
 from prefloop.train.outputs import complete, last_complete_checkpoint, merge
+from prefloop.train.reference import check_reference, describe
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,8 @@ class TrainConfig:
     )
     save_steps: int = field(100, help="Checkpoint every N optimizer steps (a crash loses at most N).", hash=False)
     keep_checkpoints: int = field(2, help="Newest checkpoints kept on disk.", hash=False)
+    carry_optimizer: bool = field(False, help="Keep one AdamW across runs: save its moments in adapter/, and start "
+                                  "from those of the continued --adapter (train/carry.py).")
     logging_steps: int = field(10, help="Log loss and rewards every N steps.", hash=False)
     report_to: str = field("none", help="Trainer loggers: none, tensorboard, wandb (comma list).", hash=False)
     new_run: bool = field(False, help="Move an existing output aside and start again.", hash=False)
@@ -155,8 +159,9 @@ class TrainConfig:
         if not self.lora and self.adapter:
             raise ConfigError("adapter is set with lora=False. Fix: drop --adapter (full fine-tuning continues from "
                               "--model; pass a merged model there) or keep LoRA on.")
-        if not self.lora and self.merge:
-            raise ConfigError("merge=True needs LoRA. Fix: drop --merge; full fine-tuning already writes out/model.")
+        for key in ("merge", "carry_optimizer"):
+            if not self.lora and getattr(self, key):
+                raise ConfigError(f"{key}=True needs LoRA. Fix: drop --{key.replace('_', '-')}.")
         if self.lr_schedule not in ("linear", "constant"):
             raise ConfigError(f"lr_schedule = {self.lr_schedule!r}. Fix: use linear or constant.")
         if self.dtype not in DTYPES:
@@ -189,23 +194,6 @@ def _split(value: Any, kind: type) -> list:
     for item in items:
         out += [kind(x.strip()) for x in item.split(",") if x.strip()] if isinstance(item, str) else [kind(item)]
     return out
-
-
-def describe(config: TrainConfig) -> tuple[str, str]:
-    """(policy init, reference) in words, for the start log line and the summary."""
-    if not method(config.method).uses_reference:
-        start = config.model if not config.lora else f"{config.model} + {config.adapter or 'new LoRA (B=0)'}"
-        return start + (" (full fine-tuning)" if not config.lora else ""), f"none ({config.method} has no reference)"
-    if not config.lora:
-        return f"{config.model} (full fine-tuning)", f"frozen copy of {config.model}"
-    if config.adapter is None:
-        ref = f"{config.model} (adapter disabled)"
-        if config.reference == "previous":
-            ref += "; reference=previous with no adapter: the previous policy is the model itself"
-        return f"{config.model} + new LoRA (B=0)", ref
-    if config.reference == "previous":
-        return f"{config.model} + {config.adapter}", f"frozen copy of {config.adapter} ('ref' adapter)"
-    return f"{config.model} + {config.adapter}", f"{config.model} (adapters disabled)"
 
 
 def load_pairs(path: str | Path, method_name: str = "dpo"):
@@ -302,7 +290,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
         # TRL copied the loaded adapter into a frozen "ref" adapter; without it, TRL's reference forward runs with
         # adapters disabled, which is `model` -- what `initial` asks for. "ref" is inactive, so "default" stays put.
         trainer.model.delete_adapter("ref")
-    _check_reference(trainer, config)
+    check_reference(trainer, config)
     return trainer
 
 
@@ -348,35 +336,6 @@ def training_args(config: TrainConfig):
     return config_class(**{**shared, **how.options(config)})  # grpo counts its batch in answers, not groups
 
 
-def _check_reference(trainer, config: TrainConfig) -> None:
-    """Fail loudly if the trainer's models and adapters do not give the reference the config asks for."""
-    import torch
-
-    uses_reference = method(config.method).uses_reference
-    if not config.lora:
-        if uses_reference and trainer.ref_model is None:
-            raise RuntimeError("full fine-tuning without a reference model copy; TRL's behaviour changed?")
-        return
-    model = trainer.model
-    peft_config = model.peft_config
-    want_ref = uses_reference and config.adapter is not None and config.reference == "previous"
-    if want_ref != ("ref" in peft_config) or model.active_adapter != "default":
-        raise RuntimeError(
-            f"adapters {list(peft_config)} (active {model.active_adapter!r}) do not match "
-            f"reference={config.reference} with adapter={config.adapter}; TRL's behaviour changed?"
-        )
-    params = dict(model.named_parameters())
-    for name, param in params.items():
-        if ".ref." in name:
-            twin = params[name.replace(".ref.", ".default.")]
-            if param.requires_grad or not torch.equal(param, twin):
-                raise RuntimeError(f"{name}: the 'ref' adapter must be a frozen copy of the loaded adapter.")
-        elif param.requires_grad and ".default." not in name:
-            raise RuntimeError(f"{name} is trainable, but only the 'default' adapter should be.")
-    if not any(p.requires_grad for p in params.values()):
-        raise RuntimeError("no trainable parameters: the 'default' adapter is frozen.")
-
-
 def run(config: TrainConfig, callbacks: list | None = None) -> Path:
     """Train on `config.pairs`; return `config.out` (holding adapter/ or model/, and train_summary.json).
 
@@ -413,6 +372,10 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
         return out
 
     started = time.time()
+    from prefloop.models import resolve_adapter
+
+    carried = carry.saved_state(resolve_adapter(config.adapter), config.adapter) if (
+        config.carry_optimizer and config.adapter is not None and resume is None) else None
     with ranks.main_process_first():  # the main rank fills the datasets cache, the others read it
         dataset = method(config.method).dataset(load_pairs(config.pairs, config.method), config.seed)
     trainer = build_trainer(config, callbacks, dataset, args)
@@ -430,6 +393,8 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
             # restart from the loaded adapter. Load "default" ourselves; newer transformers does the same again.
             model.load_adapter(str(resume), "default", is_trainable=True)
             model.set_adapter("default")
+    if carried is not None:
+        carry.start_from(trainer, carried)
     set_up = time.time()  # pairs tokenized, model and reference loaded, trainer built
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trained = time.time()
@@ -439,6 +404,8 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
         with atomic_dir(final) as tmp:
             if config.lora:
                 model.save_pretrained(tmp, selected_adapters=["default"], state_dict=weights)  # not the "ref" copy
+                if config.carry_optimizer:
+                    carry.save(trainer, tmp)
             else:
                 model.save_pretrained(tmp, state_dict=weights)
             trainer.processing_class.save_pretrained(tmp)
