@@ -154,6 +154,21 @@ def test_grpo_trains_on_every_answer_of_prompts_whose_answers_score_differently(
         from_dict(LoopConfig, {**values, "out": str(tmp_path / "acc"), "data": "accumulate"})
 
 
+def test_carry_optimizer_keeps_one_adamw_across_rounds(workdir, tmp_path):
+    """train.carry_optimizer: round 2's AdamW starts from round 1's moments, so the step count its adapter's
+    optimizer.pt holds is the sum of both rounds' steps, as in one run of both (without it, round 2's alone)."""
+    import torch
+
+    values = {**loop_values(workdir, str(tmp_path / "carry"), rounds=2), "eval_prompts": None}
+    values["train"] = {**values["train"], "carry_optimizer": True}
+    root = run_loop(from_dict(LoopConfig, values))
+    rounds = json.loads((root / "manifest.json").read_text())["rounds"]
+    steps = [rounds[k]["phases"]["train"]["summary"]["steps"] for k in (1, 2)]
+    for k, want in ((1, steps[0]), (2, sum(steps))):
+        saved = torch.load(root / f"round_{k:03d}" / "train" / "adapter" / "optimizer.pt", weights_only=True)
+        assert {int(s["step"]) for s in saved["state"].values()} == {want}
+
+
 def test_changed_loop_config_is_refused(workdir):
     """Resuming a run with a changed setting is refused naming the key; raising `rounds` is allowed."""
     values = loop_values(workdir, "drift", rounds=0)
