@@ -427,11 +427,9 @@ class OpenAIGenerator:
 
 
 def parse_reply(reply: Any, chat: bool, logprobs: bool, top_logprobs: int = 0) -> list[Completion]:
-    """Completions from a (chat) completion reply, in choice order. Raises on a body of the wrong shape.
-
-    Missing log-probs are fatal only when `logprobs` was asked for; `top_logprobs` alone is best effort (a judge
-    falls back to the verdict's text), so a server that ignores it still serves judges.
-    """
+    """Completions from a (chat) completion reply, in choice order. Raises on a body of the wrong shape. Missing
+    log-probs are fatal only when `logprobs` was asked for; `top_logprobs` alone is best effort (a judge falls back
+    to the verdict's text), so a server that ignores it still serves judges."""
     if isinstance(reply, (str, bytes)):  # the SDK returns non-JSON bodies as text
         raise ValueError(f"expected a JSON completion, got text {reply[:80]!r}")
     choices = sorted(reply.choices, key=lambda c: c.index or 0)
