@@ -8,7 +8,8 @@
 Which TRL trainer each `method` uses, and what `beta` means for it: `prefloop/train/methods.py`. What follows
 about the reference applies to the methods that have one (dpo, kto); orpo, simpo and sft have none.
 
-Outputs in `out/`: `adapter/` (LoRA + tokenizer; `model/` for full fine-tuning), optional `merged/`,
+Outputs in `out/`: `adapter/` (LoRA + tokenizer, + `optimizer.pt` with `carry_optimizer`; `model/` for full
+fine-tuning), optional `merged/`,
 `checkpoints/checkpoint-N/`, `config.yaml` (resolved config + hash, written first) and `train_summary.json`
 (written last).
 
@@ -372,10 +373,11 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
         return out
 
     started = time.time()
-    from prefloop.models import resolve_adapter
+    carried = None  # AdamW's moments to start from: a continued adapter's, unless a checkpoint of ours has its own
+    if config.carry_optimizer and config.adapter is not None and resume is None:
+        from prefloop.models import resolve_adapter
 
-    carried = carry.saved_state(resolve_adapter(config.adapter), config.adapter) if (
-        config.carry_optimizer and config.adapter is not None and resume is None) else None
+        carried = carry.saved_state(resolve_adapter(config.adapter), config.adapter)
     with ranks.main_process_first():  # the main rank fills the datasets cache, the others read it
         dataset = method(config.method).dataset(load_pairs(config.pairs, config.method), config.seed)
     trainer = build_trainer(config, callbacks, dataset, args)
