@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 FILE = "optimizer.pt"
 
 
-def trainable_names(trainer) -> list[str]:
-    """The name of each parameter the optimizer holds, in its state-dict order (param groups, then params)."""
+def trainable(trainer) -> list[tuple[str, Any]]:
+    """(name, parameter) of each parameter the optimizer holds, in its state-dict order (param groups, then params)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for group in trainer.optimizer.param_groups for p in group["params"]]
+    return [(names[id(p)], p) for group in trainer.optimizer.param_groups for p in group["params"]]
 
 
 def save(trainer, adapter_dir: Path) -> None:
@@ -38,7 +38,7 @@ def save(trainer, adapter_dir: Path) -> None:
     import torch
 
     state = trainer.optimizer.state_dict()["state"]
-    names = trainable_names(trainer)
+    names = [name for name, _ in trainable(trainer)]
     torch.save({"names": names, "state": {names[i]: s for i, s in state.items()}}, Path(adapter_dir) / FILE)
 
 
@@ -61,13 +61,13 @@ def start_from(trainer, path: Path) -> None:
                           "Fix: drop carry_optimizer, or train in one process or with DDP.")
     trainer.create_optimizer()
     saved: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    names = trainable_names(trainer)
+    params = trainable(trainer)
+    names = [name for name, _ in params]
     if sorted(names) != sorted(saved["names"]):
         differ = sorted(set(names) ^ set(saved["names"]))[:3]
         raise ConfigError(f"{path}: its parameters differ from this run's trainable ones (e.g. {differ}). "
                           "Fix: carry an optimizer only into the adapter it was saved with.")
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = {name: tuple(p.shape) for name, p in params}
     for name, state in saved["state"].items():
         if "exp_avg" in state and tuple(state["exp_avg"].shape) != shapes[name]:
             raise ConfigError(f"{path}: {name} has shape {tuple(state['exp_avg'].shape)} there and {shapes[name]} "
