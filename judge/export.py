@@ -64,6 +64,10 @@ class ExportConfig:
         "undesirable. sft: keep a prompt's best answer only if its score >= T.",
     )
     keep_truncated: bool = field(False, help="Judgments: keep answers that hit max_new_tokens (skipped by default).")
+    keep_equal_rewards: bool = field(
+        False, help="groups: keep the prompts whose answers all score the same (skipped by default as equal_rewards). "
+        "GRPO's advantage is zero on each, but TRL's own GRPO batches hold them, and their tokens count in its "
+        "token-normalised losses (dapo, bnpo): kept, a step's update is scaled as in TRL's own loop.")
     both_labels: bool = field(
         False, help="kto from judgments: only the prompts whose answers get both labels (a prompt whose answers all "
         "pass or all fail teaches no preference, as GRPO's advantage is zero on it; skipped as one_label_prompt).")
@@ -102,6 +106,8 @@ class ExportConfig:
             raise ConfigError(f"threshold = {self.threshold}. Fix: give a finite number (scores are compared to it).")
         if self.both_labels and self.format != "kto":
             raise ConfigError(f"--both-labels applies to --format kto, not {self.format}. Fix: drop it.")
+        if self.keep_equal_rewards and self.format != "groups":
+            raise ConfigError(f"--keep-equal-rewards applies to --format groups, not {self.format}. Fix: drop it.")
         if self.private and not self.push_to_hub:
             raise ConfigError("--private applies to --push-to-hub only. Fix: add --push-to-hub REPO, or drop it.")
 

@@ -10,8 +10,9 @@
   TRL's prompt-completion rows, or `{"messages": [...]}` with `sft_style: messages`.
 - `groups` (judgments only): per prompt every answer and its score (`completions`, `rewards`, `truncated`: cut at
   the token limit), GRPO's group, for `prefloop train --method grpo`. A prompt whose answers all score the same is
-  skipped (`equal_rewards`: GRPO's advantage is zero on each), and so is one with an answer that failed judging
-  (`incomplete_group`: the groups would differ in size). Repeated, empty and truncated answers stay, as in GRPO.
+  skipped (`equal_rewards`: GRPO's advantage is zero on each; `keep_equal_rewards` keeps it, as TRL's GRPO batches
+  do), and so is one with an answer that failed judging (`incomplete_group`: the groups would differ in size).
+  Repeated, empty and truncated answers stay, as in GRPO.
 - `ranked` (judgments only): per prompt every candidate with score, status, error and finish_reason, best first,
   failed judgments last, each with its original `index`.
 - `llamafactory` (pairs only): LLaMA-Factory's sharegpt preference rows (`conversations`, `chosen`, `rejected`,
@@ -100,7 +101,7 @@ def from_judgments(
         if config.threshold is not None:
             raise ConfigError("--threshold does not apply to --format groups (every answer keeps its score). Fix: "
                               "drop --threshold.")
-        return [row for j in judgments if (row := _group(j, skipped)) is not None]
+        return [row for j in judgments if (row := _group(j, skipped, config.keep_equal_rewards)) is not None]
     if fmt == "kto" and config.threshold is None:
         raise ConfigError(
             "--format kto from judgments needs --threshold T (score >= T is labelled desirable, lower "
@@ -138,13 +139,13 @@ def from_judgments(
     return rows
 
 
-def _group(j: dict[str, Any], skipped: Counter) -> dict[str, Any] | None:
+def _group(j: dict[str, Any], skipped: Counter, keep_equal: bool = False) -> dict[str, Any] | None:
     """One prompt's GRPO group: every answer with its score, or None (counted in `skipped`)."""
     statuses = j.get("statuses") or ["ok"] * len(j["completions"])
     if any(score is None or status != "ok" for score, status in zip(j["scores"], statuses, strict=True)):
         skipped["incomplete_group"] += 1
         return None
-    if len(j["completions"]) < 2 or len({float(x) for x in j["scores"]}) < 2:
+    if len(j["completions"]) < 2 or (len({float(x) for x in j["scores"]}) < 2 and not keep_equal):
         skipped["equal_rewards"] += 1
         return None
     return {"prompt": j["prompt"], "completions": [c["text"] for c in j["completions"]],

@@ -83,6 +83,8 @@ class LoopConfig:
         None, help="With train.method kto: train on every usable answer of the prompts whose answers score on both "
         "sides of this, each labelled desirable when its score >= it (`prefloop export --format kto --threshold`), "
         "instead of on the pairs' two answers. Empty: the pairs.")
+    export: dict = field({}, help="With train.method grpo or kto_threshold: settings of the export that builds the "
+                         "training rows (see `prefloop export --help`), e.g. {keep_equal_rewards: true}.")
     eval: dict = field(
         {"temperature": 0.0, "n": 1}, help="Generation settings for held-out eval (default greedy, one answer)."
     )
@@ -154,7 +156,7 @@ class LoopConfig:
         self.stage_config("generate", 1, self.gen)
         self.stage_config("judge", 1, {})
         self.stage_config("pairs", 1, {})
-        if rows_file(self) != "pairs.jsonl":
+        if rows_file(self) != "pairs.jsonl" or self.export:
             export_config(self, Path(self.out) / "round_001")
         self.stage_config("train", 1, {})
         if self.train_launcher:

@@ -54,10 +54,19 @@ def rows_file(config: Any) -> str:
 def export_config(config: Any, d: Path) -> Any:
     """The export that labels round directory `d`'s answers (`kto_threshold`) or groups them (grpo); LoopConfig builds
     it up front too, so a bad threshold fails before any round samples."""
+    from prefloop.config import ConfigError, from_dict
     from prefloop.judge.export import ExportConfig
 
+    if rows_file(config) == "pairs.jsonl":
+        raise ConfigError("export: settings of the export that builds GRPO's groups or KTO's labels; this loop trains "
+                          "on pairs. Fix: drop `export`, or set train.method: grpo or kto_threshold.")
+    owned = sorted(set(config.export) & {"in", "input", "out", "format", "threshold", "both_labels"})
+    if owned:
+        raise ConfigError(f"export: {', '.join(owned)} are the loop's to set (each round's files, the method's "
+                          "format). Fix: drop them from `export`.")
+    paths = {"input": str(d / "judgments.jsonl"), "out": str(d / rows_file(config))}
     if config.kto_threshold is None:
-        return ExportConfig(input=str(d / "judgments.jsonl"), out=str(d / rows_file(config)), format="groups")
-    return ExportConfig(input=str(d / "judgments.jsonl"), out=str(d / rows_file(config)), format="kto",
-                        threshold=config.kto_threshold, both_labels=True,
-                        keep_truncated=bool(config.pairs.get("keep_truncated")))
+        return from_dict(ExportConfig, {**config.export, **paths, "format": "groups"}, "loop config `export`")
+    return from_dict(ExportConfig, {"keep_truncated": bool(config.pairs.get("keep_truncated")), **config.export,
+                                    **paths, "format": "kto", "threshold": config.kto_threshold, "both_labels": True},
+                     "loop config `export`")

@@ -253,7 +253,7 @@ def test_kto_both_labels_keeps_only_prompts_whose_answers_pass_and_fail(tmp_path
 def test_groups_keep_every_answer_of_prompts_whose_answers_score_differently(tmp_path, conv):
     """--format groups (train --method grpo): a's five answers stay whole, the repeated "4", the truncated "44" (marked)
     and the empty one included, as GRPO scores them; b, with an answer that failed judging, and d, whose answers all
-    score the same, are skipped by name. A pairs file and a threshold are refused."""
+    score the same, are skipped by name (d kept with keep_equal_rewards). A pairs file and a threshold are refused."""
     rows = [*judgments(conv), judgment("d", msgs("5+5=") if conv else "5+5=", ["10", "11"], [0.5, 0.5])]
     out = export(tmp_path, write_jsonl(tmp_path / "j.jsonl", rows), "groups")
     p = (lambda t: msgs(t)) if conv else (lambda t: t)
@@ -263,6 +263,12 @@ def test_groups_keep_every_answer_of_prompts_whose_answers_score_differently(tmp
         {"prompt": p("1+1="), "completions": ["2", "3"], "rewards": [1.0, 0.0], "truncated": [False, False]},
     ]
     assert read_summary(out)["skipped"] == {"equal_rewards": 1, "incomplete_group": 1}
+    kept = export(tmp_path, tmp_path / "j.jsonl", "groups", "ke.jsonl", keep_equal_rewards=True)  # as TRL's batches
+    assert read_jsonl(kept) == [*read_jsonl(out), {"prompt": p("5+5="), "completions": ["10", "11"],
+                                                   "rewards": [0.5, 0.5], "truncated": [False, False]}]
+    assert read_summary(kept)["skipped"] == {"incomplete_group": 1}
+    with pytest.raises(ConfigError, match="--keep-equal-rewards applies to --format groups, not kto"):
+        export(tmp_path, tmp_path / "j.jsonl", "kto", "kk.jsonl", threshold=1.0, keep_equal_rewards=True)
     with pytest.raises(ConfigError, match="export the judgments file"):
         export(tmp_path, write_jsonl(tmp_path / "p.jsonl", pairs(conv)), "groups", "pg.jsonl")
     with pytest.raises(ConfigError, match="--threshold does not apply to --format groups"):

@@ -154,6 +154,23 @@ def test_grpo_trains_on_every_answer_of_prompts_whose_answers_score_differently(
         from_dict(LoopConfig, {**values, "out": str(tmp_path / "acc"), "data": "accumulate"})
 
 
+def test_export_settings_reach_the_groups_export_and_are_refused_where_nothing_exports(workdir, tmp_path):
+    """`export` sets the export that builds grpo's groups (here: keep the prompts whose answers tie); on a loop that
+    trains on pairs, with a key the loop sets itself, or with an unknown key it is refused before any work."""
+    from prefloop.rows import export_config
+
+    values = {**loop_values(workdir, str(tmp_path / "g"), rounds=1),
+              "train": {**loop_values(workdir, "")["train"], "method": "grpo"}, "export": {"keep_equal_rewards": True}}
+    config = from_dict(LoopConfig, values)
+    assert export_config(config, tmp_path / "round_001").keep_equal_rewards
+    for export, match in [({"out": "x.jsonl"}, "out are the loop's to set"), ({"keep_ties": 1}, "unknown key")]:
+        with pytest.raises(ConfigError, match=match):
+            from_dict(LoopConfig, {**values, "export": export})
+    with pytest.raises(ConfigError, match="this loop trains on pairs"):
+        from_dict(LoopConfig, {**values, "train": loop_values(workdir, "")["train"]})
+    assert not (tmp_path / "g").exists()
+
+
 def test_carry_optimizer_keeps_one_adamw_across_rounds(workdir, tmp_path):
     """train.carry_optimizer: round 2's AdamW starts from round 1's moments, so the step count its adapter's
     optimizer.pt holds is the sum of both rounds' steps, as in one run of both (without it, round 2's alone)."""

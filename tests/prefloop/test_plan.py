@@ -92,3 +92,5 @@ def test_dry_run_of_a_grpo_loop_names_answer_groups_and_the_sampling_temperature
     text = dry(d, gen={**values(d)["gen"], "temperature": 0.8}, train={**values(d)["train"], "method": "grpo"})
     assert "answer groups (no pairs): every answer of the prompts whose answers score differently" in text
     assert "pairs:" not in text and "train: grpo (TRL's GRPO loss, log-probs at T=0.8)" in text
+    text = dry(d, train={**values(d)["train"], "method": "grpo"}, export={"keep_equal_rewards": True})
+    assert "answer groups (no pairs): every answer of every prompt, with its score" in text
