@@ -278,9 +278,13 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, dataset=No
     trainer_class, _ = how.trainer()
     served = {}  # grpo: the stored answers and their scores stand in for TRL's own sampling (train/grpo.py)
     if config.method == "grpo":
-        from prefloop.train.grpo import rollout, stored_reward
+        from prefloop.train.grpo import rollout, stored_reward, unused_groups
 
         served = {"reward_funcs": stored_reward, "rollout_func": rollout(dataset, tokenizer, args.num_generations)}
+        if unused := unused_groups(args, len(dataset)):
+            log.warning("train: %d of %d answer groups unused per epoch: TRL's GRPO sampler deals whole steps of %d "
+                        "(a --batch-size dividing the groups uses them all)", unused, len(dataset),
+                        args.generation_batch_size // args.num_generations)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config, callbacks=callbacks, **served)
     dropped = len(dataset) - len(trainer.train_dataset)
@@ -421,6 +425,8 @@ def _train(config: TrainConfig, callbacks: list | None, args, ranks, out: Path, 
 
 
 def _finish(state, config, trainer, result, dataset, resume, final, timing, trainable, total, spread) -> None:
+    from prefloop.train.grpo import unused_groups
+
     out = Path(config.out)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]  # already averaged over ranks by Trainer
@@ -441,6 +447,8 @@ def _finish(state, config, trainer, result, dataset, resume, final, timing, trai
         pairs=len(trainer.train_dataset),  # rows trained on: pairs, or for kto / sft completions (`rows`)
         rows=rows_word(config.method),
         pairs_dropped_too_long=len(dataset) - len(trainer.train_dataset),
+        **({"groups_unused_per_epoch": unused_groups(trainer.args, len(trainer.train_dataset))}
+           if config.method == "grpo" else {}),
         resumed_from=str(resume) if resume else None,
         policy_init=policy,
         reference=reference,

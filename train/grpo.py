@@ -11,12 +11,19 @@ stored scores are the reward (`stored_reward`), so TRL computes its group-normal
 What changes against TRL's own loop: sampling is the generate stage's (vLLM's batched engine, any backend) and the
 judge stage's, and happens once per round, so an answer may be trained on a few optimizer steps after the policy
 that sampled it moved (as in GRPO with `steps_per_generation` > 1). `beta` is TRL's default 0 (no KL term, no
-reference model), and log-probabilities are taken at temperature 1.
+reference model), and log-probabilities are taken at the answers' sampling temperature (`temperature`; the loop
+sets it from gen.temperature).
+
+A step takes `batch_size` groups. TRL's sampler deals whole steps only: the groups past the last whole one sit out
+the epoch (the summary's `groups_unused_per_epoch`), and a file with fewer groups than one batch trains them all in
+one smaller step rather than none (`step_groups`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,11 +31,13 @@ from typing import Any
 from prefloop.config import ConfigError
 from prefloop.store import InputError, iter_records
 
+log = logging.getLogger(__name__)
 GROUPS = ("prompt", "completions", "rewards")  # a groups file's columns (plus `truncated` and template columns)
 
 
-def group_size(path: str | Path) -> int:
-    """The answers per prompt of groups file `path`: every row must have the same number (GRPO's num_generations)."""
+def group_shape(path: str | Path) -> tuple[int, int]:
+    """(answers per prompt, groups) of groups file `path`: every row must have the same number of answers (GRPO's
+    num_generations)."""
     if not Path(path).is_file():
         raise ConfigError(f"{path}: groups file not found. Fix: run `prefloop export --format groups` first or check "
                           "--pairs.")
@@ -53,7 +62,30 @@ def group_size(path: str | Path) -> int:
         first[key] = lineno
     if not sizes:
         raise ConfigError(f"{path}: no groups to train on. Fix: check the export's skipped counts.")
-    return next(iter(sizes))
+    return next(iter(sizes)), sizes.total()
+
+
+def step_groups(batch_size: int, grad_accum: int, groups: int) -> int:
+    """The groups per device per step: `batch_size`, or every group when the file holds fewer than one step's.
+
+    TRL's GRPO sampler deals whole steps only (batch_size x grad_accum x processes groups) and drops the rest, so a
+    round with fewer groups than a batch (a small round, or one where most prompts' answers tied) would train
+    nothing; in one process without accumulation it trains them all in one smaller step instead."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if groups >= batch_size * grad_accum * world:
+        return batch_size
+    if grad_accum * world > 1:
+        raise ConfigError(f"{groups} answer groups, fewer than one step's {batch_size * grad_accum * world} (batch_size "
+                          "x grad_accum x processes): nothing would train. Fix: lower --batch-size or --grad-accum, "
+                          "or sample more prompts.")
+    log.warning("train: %d answer groups, fewer than --batch-size %d: one step of %d", groups, batch_size, groups)
+    return groups
+
+
+def unused_groups(args: Any, groups: int) -> int:
+    """Groups TRL's sampler leaves out of each epoch: those past the last whole step (`args`: the GRPOConfig)."""
+    per_step = args.generation_batch_size // args.num_generations
+    return groups % per_step
 
 
 def _key(prompt: Any) -> str:

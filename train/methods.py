@@ -31,7 +31,7 @@ from typing import Any
 
 from prefloop.config import ConfigError
 from prefloop.records import TEMPLATE_COLUMNS
-from prefloop.train.grpo import GROUPS, group_size
+from prefloop.train.grpo import GROUPS, group_shape, step_groups
 
 METHODS = ("dpo", "orpo", "kto", "simpo", "sft", "grpo")
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0, "sft": 0.1, "grpo": 0.0}
@@ -103,8 +103,9 @@ class Method:
         if self.name == "grpo":
             # TRL's defaults otherwise (loss_type dapo, scale_rewards group, beta 0). The answers are given, so
             # max_length caps only nothing TRL generates; it is the completion cap TRL's config has instead.
-            n = group_size(config.pairs)  # batch_size counts groups (rows), as it counts pairs for dpo
-            return {"num_generations": n, "per_device_train_batch_size": config.batch_size * n,
+            n, groups = group_shape(config.pairs)  # batch_size counts groups (rows), as it counts pairs for dpo
+            batch = step_groups(config.batch_size, config.grad_accum, groups)
+            return {"num_generations": n, "per_device_train_batch_size": batch * n,
                     "max_completion_length": config.max_length, "temperature": config.temperature, **dropout}
         return {"completion_only_loss": True}  # sft: the loss is on the answer, never the prompt
 
