@@ -37,3 +37,18 @@ def test_loop_yaml_has_the_demo_settings_that_change_results():
             assert DEMO[stage][key] == value, f"{stage}.{key}"
     for key in ("lr", "batch_size", "epochs", "loss", "beta"):  # the ones the demo's comments say were measured
         assert example["train"][key] == DEMO["train"][key], key
+
+
+def test_instructions_grpo_example_is_the_measured_grpo_step_shape(tmp_path):
+    """examples/demo/instructions_grpo.yaml over the instructions demo: the shape bench/README.md section 4 measured
+    (4 prompts x 8 answers, one GRPO step of all 32 a round, tied prompts kept, one optimizer), the demo's other
+    settings kept."""
+    from prefloop.demo.instructions import INSTRUCTIONS, instructions_config
+
+    config = instructions_config(str(tmp_path), config_file=str(ROOT / "examples" / "demo" / "instructions_grpo.yaml"),
+                                 model="model-dir")
+    assert (config.prompts_per_round, config.gen["n"], config.export) == (4, 8, {"keep_equal_rewards": True})
+    assert {k: config.train[k] for k in ("method", "beta", "batch_size", "lr_schedule", "carry_optimizer")} == {
+        "method": "grpo", "beta": 0, "batch_size": 4, "lr_schedule": "constant", "carry_optimizer": True}
+    assert config.gen["temperature"] == INSTRUCTIONS["gen"]["temperature"] and config.judge == INSTRUCTIONS["judge"]
+
