@@ -80,7 +80,8 @@ def _judge(judge: Any) -> str:
 def _rows(config: Any, pairs: Any) -> str:
     """What the train phase reads: pairs, (kto_threshold) every answer labelled by its score, or (grpo) groups."""
     if config.kto_threshold is None and config.train.get("method") == "grpo":
-        which = "every prompt" if config.export.get("keep_equal_rewards") else "the prompts whose answers score differently"
+        which = ("every prompt" if config.export.get("keep_equal_rewards")
+                 else "the prompts whose answers score differently")
         return f"answer groups (no pairs): every answer of {which}, with its score"
     if config.kto_threshold is None:
         return f"pairs: {pairs.strategy}"

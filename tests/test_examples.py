@@ -51,4 +51,3 @@ def test_instructions_grpo_example_is_the_measured_grpo_step_shape(tmp_path):
     assert {k: config.train[k] for k in ("method", "beta", "batch_size", "lr_schedule", "carry_optimizer")} == {
         "method": "grpo", "beta": 0, "batch_size": 4, "lr_schedule": "constant", "carry_optimizer": True}
     assert config.gen["temperature"] == INSTRUCTIONS["gen"]["temperature"] and config.judge == INSTRUCTIONS["judge"]
-
